@@ -1,0 +1,179 @@
+"""``shapes``: the embedded dataset, procedurally generated scenes with all three kinds of label.
+
+Each scene is a textured background (two-colour oriented stripes plus noise) with one large
+object and 1-4 smaller distractors of random class, colour, scale and rotation, drawn in random
+order so that objects occlude each other. One scene gives:
+
+- ``label``: the class of the largest object (classification),
+- ``boxes``/``labels``/``masks``: tight boxes and instance masks of the visible parts (detection),
+- ``semantic``: the per-pixel class of the topmost object, 0 for background (segmentation).
+
+Scenes are a pure function of ``(seed, split, index)``, so every run, worker and machine sees the
+same data, with nothing to download.
+
+>>> s = render_scene(np.random.default_rng(0), size=64)
+>>> s.image.shape, s.semantic.shape, int(s.semantic.max()) <= len(CLASSES)
+((64, 64, 3), (64, 64), True)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .base import ArenaDataModule, detection_collate, normalize
+
+CLASSES = ("circle", "triangle", "square", "star", "cross", "ring")
+SPLITS = {"train": 0, "val": 1, "test": 2}
+MIN_VISIBLE_FRACTION = 0.004  # of the image area, below which an occluded instance is dropped
+
+
+@dataclass
+class Scene:
+    image: np.ndarray  # HxWx3 uint8
+    label: int  # class of the largest object, 0..K-1
+    boxes: np.ndarray  # Nx4 float32 xyxy of visible parts
+    labels: np.ndarray  # N int64, 0..K-1
+    masks: np.ndarray  # NxHxW bool, visible parts
+    semantic: np.ndarray  # HxW int64, 0 background, k+1 for class k
+
+
+def _inside(cls: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
+    """Membership of rotated coordinates (u, v) in a shape of class ``cls`` and radius ``r``."""
+    rho = np.hypot(u, v)
+    if cls == "circle":
+        return rho <= r
+    if cls == "ring":
+        return (rho <= r) & (rho >= 0.55 * r)
+    if cls in ("triangle", "square"):
+        n = 3 if cls == "triangle" else 4
+        apothem = r * np.cos(np.pi / n)
+        inside = np.ones_like(u, dtype=bool)
+        for k in range(n):
+            a = 2 * np.pi * k / n
+            inside &= u * np.cos(a) + v * np.sin(a) <= apothem
+        return inside
+    if cls == "star":
+        phase = (np.arctan2(v, u) * 5 / (2 * np.pi)) % 1.0
+        return rho <= r * (0.42 + 0.58 * np.abs(1 - 2 * phase))
+    if cls == "cross":
+        w = r / 3
+        return ((np.abs(u) <= r) & (np.abs(v) <= w)) | ((np.abs(u) <= w) & (np.abs(v) <= r))
+    raise ValueError(f"unknown shape class {cls!r}; classes are {CLASSES}")
+
+
+def _background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    theta, freq = rng.uniform(0, np.pi), rng.uniform(1.0, 6.0) * 2 * np.pi / size
+    t = 0.5 + 0.5 * np.sin(freq * (xx * np.cos(theta) + yy * np.sin(theta)) + rng.uniform(0, 2 * np.pi))
+    img = c0 * t[..., None] + c1 * (1 - t[..., None])
+    return img + rng.normal(0, rng.uniform(4, 20), img.shape)
+
+
+def render_scene(rng: np.random.Generator, *, size: int = 64, max_distractors: int = 4) -> Scene:
+    """Draw one scene; see the module docstring for what it contains."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    img = _background(rng, size, yy, xx)
+    n = 1 + int(rng.integers(1, max_distractors + 1))
+    main_r = rng.uniform(0.17, 0.30) * size
+    radii = [main_r] + [rng.uniform(0.08, 0.62) * main_r for _ in range(n - 1)]
+    classes = rng.integers(0, len(CLASSES), n)
+    owner = np.full((size, size), -1, dtype=np.int64)
+    for i in rng.permutation(n):
+        r = radii[i]
+        cx, cy = rng.uniform(r * 0.6, size - r * 0.6, 2)
+        rot = rng.uniform(0, 2 * np.pi)
+        dx, dy = xx - cx, yy - cy
+        u, v = dx * np.cos(rot) + dy * np.sin(rot), -dx * np.sin(rot) + dy * np.cos(rot)
+        shape = _inside(CLASSES[classes[i]], u, v, r)
+        colour = rng.uniform(0, 255, 3) + rng.normal(0, 6, (size, size, 3))
+        img = np.where(shape[..., None], colour, img)
+        owner[shape] = i
+    masks, keep = [], []
+    for i in range(n):
+        m = owner == i
+        if m.sum() >= max(4, MIN_VISIBLE_FRACTION * size * size):
+            masks.append(m)
+            keep.append(i)
+    boxes = np.array([[np.where(m.any(0))[0][0], np.where(m.any(1))[0][0],
+                       np.where(m.any(0))[0][-1] + 1, np.where(m.any(1))[0][-1] + 1] for m in masks],
+                     dtype=np.float32).reshape(-1, 4)
+    semantic = np.where(owner >= 0, classes[np.maximum(owner, 0)] + 1, 0)
+    return Scene(
+        image=np.clip(img, 0, 255).astype(np.uint8),
+        label=int(classes[0]),
+        boxes=boxes,
+        labels=classes[keep].astype(np.int64),
+        masks=np.stack(masks) if masks else np.zeros((0, size, size), bool),
+        semantic=semantic.astype(np.int64),
+    )
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """``length`` scenes of one split; ``view`` picks the label format of a task."""
+
+    VIEWS = ("classification", "detection", "segmentation")
+
+    def __init__(self, *, split: str, length: int, image_size: int, view: str, seed: int = 0,
+                 mean: tuple[float, ...], std: tuple[float, ...], hflip: bool = False) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+        if view not in self.VIEWS:
+            raise ValueError(f"shapes serves the tasks {self.VIEWS}, got {view!r}")
+        if image_size < 32:
+            raise ValueError(f"shapes needs image_size >= 32, got {image_size}")
+        self.split, self.length, self.size, self.view = split, length, image_size, view
+        self.seed, self.mean, self.std, self.hflip = seed, mean, std, hflip
+
+    def __len__(self) -> int:
+        return self.length
+
+    def scene(self, index: int) -> Scene:
+        return render_scene(np.random.default_rng((self.seed, SPLITS[self.split], index)), size=self.size)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        s = self.scene(index)
+        image = normalize(torch.from_numpy(s.image).permute(2, 0, 1), self.mean, self.std)
+        semantic = torch.from_numpy(s.semantic)
+        boxes, masks = torch.from_numpy(s.boxes), torch.from_numpy(s.masks)
+        flip = self.hflip and np.random.default_rng((self.seed, 99, index)).random() < 0.5
+        if flip:
+            image, semantic, masks = image.flip(-1), semantic.flip(-1), masks.flip(-1)
+            boxes = torch.stack([self.size - boxes[:, 2], boxes[:, 1], self.size - boxes[:, 0], boxes[:, 3]], 1)
+        if self.view == "classification":
+            return image, s.label
+        if self.view == "segmentation":
+            return image, semantic
+        # torchvision detectors reserve label 0 for the background
+        return image, {"boxes": boxes, "labels": torch.from_numpy(s.labels) + 1, "masks": masks.to(torch.uint8)}
+
+
+class ShapesDataModule(ArenaDataModule):
+    """The embedded default data: generated on the fly, identical for a given seed."""
+
+    def __init__(self, *, task: str, image_size: int = 64, num_train: int = 4000, num_val: int = 500,
+                 num_test: int = 1000, seed: int = 0, hflip: bool = True, **kwargs: Any) -> None:
+        super().__init__(task=task, tasks=ShapesDataset.VIEWS, **kwargs)
+        self.image_size_ = image_size
+        self.sizes = {"train": num_train, "val": num_val, "test": num_test}
+        self.seed, self.hflip = seed, hflip
+        self.class_names = list(CLASSES)
+        if task == "segmentation":
+            self.class_names = ["background", *CLASSES]
+        self.num_classes = len(self.class_names) if task != "detection" else len(CLASSES) + 1
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.image_size_, self.image_size_)
+
+    def make_dataset(self, split: str) -> ShapesDataset:
+        return ShapesDataset(split=split, length=self.sizes[split], image_size=self.image_size_, view=self.task,
+                             seed=self.seed, mean=self.mean, std=self.std, hflip=self.hflip and split == "train")
+
+    @property
+    def collate_fn(self) -> Callable | None:
+        return detection_collate if self.task == "detection" else None

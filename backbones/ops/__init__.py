@@ -1,0 +1,1 @@
+"""Custom operators of the native families, in pure PyTorch (fused kernels optional)."""

@@ -1,0 +1,372 @@
+"""UniRepLKNet (Ding et al., CVPR 2024, arXiv:2311.15599): a large-kernel ConvNet, natively.
+
+Four stages at strides 4-32. Each block is ``x + gamma * BN(W2 GRN(GELU(W1 SE(BN(dwconv(x))))))``
+where ``dwconv`` is a depthwise 3x3 (stage 1 and the interleaved small blocks) or a 13x13
+*Dilated Reparam Block*: the 13x13 kernel plus parallel dilated depthwise branches
+(5x5 d1, 7x7 d2, 3x3 d3, 3x3 d4, 3x3 d5), each followed by BatchNorm.
+
+**Structural reparameterization.** ``reparameterize()`` (also reached by
+``timm.utils.reparameterize_model``) turns each block into its deploy form: the dilated branches
+and every BatchNorm merge into one 13x13 kernel with a bias, the GRN bias and the last BatchNorm
+and layer scale fold into ``pwconv2``. In eval mode both forms compute the same function.
+``deploy=True`` builds the deploy form directly, e.g. to load deploy-form checkpoints.
+
+>>> from backbones import create_backbone
+>>> m = create_backbone("unireplknet_test").eval()
+>>> [tuple(f.shape[1:]) for f in m(torch.zeros(1, 3, 64, 64))]
+[(16, 16, 16), (32, 8, 8), (64, 4, 4), (128, 2, 2)]
+>>> m.reparameterize(); m.deploy
+True
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerNorm2d, trunc_normal_
+from torch import nn
+
+from ._features import Backbone, FeatureInfo, pretrained_cfg_for
+from ._registry import register_backbone
+from .ops.large_kernel import DepthwiseConv2d, center_pad, dilate_kernel, pop_bn
+
+# kernel size -> the parallel (kernel, dilation) branches of its Dilated Reparam Block (official defaults)
+DILATED_BRANCHES: dict[int, tuple[tuple[int, int], ...]] = {
+    7: ((5, 1), (3, 2), (3, 3)),
+    9: ((5, 1), (5, 2), (3, 3), (3, 4)),
+    11: ((5, 1), (5, 2), (3, 3), (3, 4), (3, 5)),
+    13: ((5, 1), (7, 2), (3, 3), (3, 4), (3, 5)),
+    15: ((5, 1), (7, 2), (3, 3), (3, 5), (3, 7)),
+    17: ((5, 1), (9, 2), (3, 4), (3, 5), (3, 7)),
+}
+SMALL_KERNELS = (3, 5)  # plain depthwise convs, no dilated branches
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation with ReLU and sigmoid gates (keys ``down``, ``up``)."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(channels, hidden, 1)
+        self.up = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.up(F.relu(self.down(s))))
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2's GRN on NHWC inputs: ``(gamma * N(x) + 1) * x + beta``; ``beta`` is dropped in deploy form."""
+
+    def __init__(self, dim: int, *, bias: bool = True) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gx = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        y = (self.gamma * nx + 1) * x
+        return y if self.beta is None else y + self.beta
+
+
+class DilatedReparamConv(nn.Module):
+    """Depthwise ``kernel_size`` conv (``lk_origin``) plus, in train form, its dilated branches.
+
+    Kernels 7-17 get the parallel dilated branches of ``DILATED_BRANCHES`` (each with a BN, and
+    ``origin_bn`` on the main conv); kernels 3 and 5 are a plain depthwise conv. In deploy form
+    (``deploy=True``) only ``lk_origin`` remains, with a bias.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, *, deploy: bool = False) -> None:
+        super().__init__()
+        self.branches = () if deploy else DILATED_BRANCHES.get(kernel_size, ())
+        self.lk_origin = DepthwiseConv2d(channels, kernel_size, bias=deploy)
+        if self.branches:
+            self.origin_bn = nn.BatchNorm2d(channels)
+            for k, r in self.branches:
+                setattr(self, f"dil_conv_k{k}_{r}", DepthwiseConv2d(channels, k, dilation=r))
+                setattr(self, f"dil_bn_k{k}_{r}", nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lk_origin(x)
+        if not self.branches:
+            return y
+        y = self.origin_bn(y)
+        for k, r in self.branches:
+            y = y + getattr(self, f"dil_bn_k{k}_{r}")(getattr(self, f"dil_conv_k{k}_{r}")(x))
+        return y
+
+
+def _block_to_deploy(state: dict[str, torch.Tensor], prefix: str, kernel_size: int) -> None:
+    """Rewrite one block's train-form entries of ``state`` (keys ``prefix`` + model names) into deploy form.
+
+    dwconv: every branch kernel is BN-scaled, dilated to a dense kernel and added to the centre of
+    the large one; the block's ``norm`` BN scales the sum. FFN tail: ``gamma * BN(W2 (g + beta))``
+    = ``(gamma * s * W2) g + gamma * (s * (W2 beta) + shift)``, with (s, shift) the BN's affine map.
+    """
+    w = state.pop(f"{prefix}dwconv.lk_origin.weight")
+    b = w.new_zeros(w.shape[0])
+    branches = DILATED_BRANCHES.get(kernel_size, ())
+    if branches:
+        s, b = pop_bn(state, f"{prefix}dwconv.origin_bn")
+        w = w * s.view(-1, 1, 1, 1)
+        for k, r in branches:
+            s, t = pop_bn(state, f"{prefix}dwconv.dil_bn_k{k}_{r}")
+            branch = state.pop(f"{prefix}dwconv.dil_conv_k{k}_{r}.weight") * s.view(-1, 1, 1, 1)
+            w = w + center_pad(dilate_kernel(branch, r), kernel_size)
+            b = b + t
+    s, t = pop_bn(state, f"{prefix}norm")
+    state[f"{prefix}dwconv.lk_origin.weight"] = w * s.view(-1, 1, 1, 1)
+    state[f"{prefix}dwconv.lk_origin.bias"] = b * s + t
+
+    beta = state.pop(f"{prefix}grn.beta").flatten()
+    w2 = state.pop(f"{prefix}pwconv2.weight")
+    s, t = pop_bn(state, f"{prefix}pwconv2_bn")
+    gamma = state.pop(f"{prefix}gamma", None)
+    if gamma is None:
+        gamma = torch.ones_like(s)
+    state[f"{prefix}pwconv2.weight"] = (gamma * s).unsqueeze(1) * w2
+    state[f"{prefix}pwconv2.bias"] = gamma * (s * (w2 @ beta) + t)
+
+
+class UniRepLKNetBlock(nn.Module):
+    """dwconv -> BN -> SE -> Linear -> GELU -> GRN -> Linear -> BN -> layer scale, residual."""
+
+    def __init__(self, dim: int, kernel_size: int, *, drop_path: float = 0.0,
+                 layer_scale_init_value: float | None = 1e-6, ffn_ratio: float = 4.0, deploy: bool = False) -> None:
+        super().__init__()
+        if kernel_size not in SMALL_KERNELS and kernel_size not in DILATED_BRANCHES:
+            raise ValueError(f"kernel_size must be one of {SMALL_KERNELS + tuple(DILATED_BRANCHES)}, got {kernel_size}")
+        self.dim, self.kernel_size, self.hidden = dim, kernel_size, int(ffn_ratio * dim)
+        self.se = SqueezeExcite(dim, dim // 4)
+        self.pwconv1 = nn.Linear(dim, self.hidden)
+        self.act = nn.GELU()
+        self._build_reparam_parts(deploy=deploy, layer_scale_init_value=layer_scale_init_value)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def _build_reparam_parts(self, *, deploy: bool, layer_scale_init_value: float | None) -> None:
+        """The submodules whose form differs between train and deploy."""
+        self.deploy = deploy
+        self.dwconv = DilatedReparamConv(self.dim, self.kernel_size, deploy=deploy)
+        self.norm = nn.Identity() if deploy else nn.BatchNorm2d(self.dim)
+        self.grn = GlobalResponseNorm(self.hidden, bias=not deploy)
+        self.pwconv2 = nn.Linear(self.hidden, self.dim, bias=deploy)
+        self.pwconv2_bn = nn.Identity() if deploy else nn.BatchNorm2d(self.dim)
+        use_gamma = not deploy and layer_scale_init_value is not None and layer_scale_init_value > 0
+        self.gamma = nn.Parameter(torch.full((self.dim,), float(layer_scale_init_value))) if use_gamma else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.se(self.norm(self.dwconv(x)))
+        y = self.grn(self.act(self.pwconv1(y.permute(0, 2, 3, 1))))
+        y = self.pwconv2_bn(self.pwconv2(y).permute(0, 3, 1, 2))
+        if self.gamma is not None:
+            y = y * self.gamma.view(1, -1, 1, 1)
+        return x + self.drop_path(y)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Switch to the deploy form in place (same eval-mode function); a no-op when already there."""
+        if self.deploy:
+            return
+        state = dict(self.state_dict())
+        _block_to_deploy(state, "", self.kernel_size)
+        with torch.device("meta"):
+            self._build_reparam_parts(deploy=True, layer_scale_init_value=None)
+        self.load_state_dict(state, assign=True)
+
+
+class UniRepLKNet(Backbone):
+    """UniRepLKNet backbone: conv stem (stride 4), then four stages joined by stride-2 conv downsamples.
+
+    ``kernel_sizes[i]`` lists the depthwise kernel of each block of stage ``i``. ``embed`` is the
+    official pooling: global average, then LayerNorm. ``num_classes > 0`` adds the official ``head``.
+
+    >>> m = UniRepLKNet(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), kernel_sizes=((3,), (13,), (13,), (13,)))
+    >>> m.embed(torch.zeros(2, 3, 64, 64)).shape
+    torch.Size([2, 64])
+    """
+
+    family = "large-kernel"
+
+    def __init__(self, *, depths: Sequence[int], dims: Sequence[int], kernel_sizes: Sequence[Sequence[int]],
+                 in_chans: int = 3, num_classes: int = 0, drop_path_rate: float = 0.0,
+                 layer_scale_init_value: float | None = 1e-6, ffn_ratio: float = 4.0, deploy: bool = False,
+                 out_indices: Sequence[int] | None = None, img_size: int | None = None) -> None:
+        super().__init__()
+        if len(depths) != 4 or len(dims) != 4 or len(kernel_sizes) != 4:
+            raise ValueError(f"UniRepLKNet has 4 stages: got depths={tuple(depths)}, dims={tuple(dims)}, "
+                             f"{len(kernel_sizes)} kernel lists")
+        for i, (d, ks) in enumerate(zip(depths, kernel_sizes)):
+            if len(ks) != d:
+                raise ValueError(f"stage {i} has depth {d} but {len(ks)} kernel sizes {tuple(ks)}")
+        self.num_classes = num_classes
+        self.downsample_layers = nn.ModuleList([nn.Sequential(
+            nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1), LayerNorm2d(dims[0] // 2, eps=1e-6),
+            nn.GELU(),
+            nn.Conv2d(dims[0] // 2, dims[0], 3, stride=2, padding=1), LayerNorm2d(dims[0], eps=1e-6))])
+        for i in range(3):
+            self.downsample_layers.append(nn.Sequential(
+                nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), LayerNorm2d(dims[i + 1], eps=1e-6)))
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        self.stages = nn.ModuleList()
+        for i, ks in enumerate(kernel_sizes):
+            start = sum(depths[:i])
+            self.stages.append(nn.Sequential(*[
+                UniRepLKNetBlock(dims[i], k, drop_path=rates[start + j], layer_scale_init_value=layer_scale_init_value,
+                                 ffn_ratio=ffn_ratio, deploy=deploy)
+                for j, k in enumerate(ks)]))
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else None
+        self.apply(self._init_weights)
+
+        self.all_feature_info = FeatureInfo(tuple(dims), (4, 8, 16, 32), dims[-1])
+        self.set_out_indices(out_indices)
+        self.pretrained_cfg = pretrained_cfg_for(img_size or 224, classifier="head")
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @property
+    def deploy(self) -> bool:
+        """Whether every block is in deploy form."""
+        return all(b.deploy for b in self.modules() if isinstance(b, UniRepLKNetBlock))
+
+    def reparameterize(self) -> None:
+        """Merge every block into its deploy form (call in eval mode; see the module docstring)."""
+        for m in self.modules():
+            if isinstance(m, UniRepLKNetBlock):
+                m.reparameterize()
+
+    def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        levels = []
+        for down, stage in zip(self.downsample_layers, self.stages):
+            x = stage(down(x))
+            levels.append(x)
+        return levels
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input_size(x.shape[-2], x.shape[-1])
+        return self.norm(self.forward_levels(x)[-1].mean((-2, -1)))
+
+    def get_classifier(self) -> nn.Module:
+        if self.head is None:
+            return super().get_classifier()
+        return self.head
+
+
+# official key -> model key; the official block wraps its Linear layers and GRN in nn.Sequential
+_OFFICIAL_RENAMES = (
+    (re.compile(r"^(stages\.\d+\.\d+\.dwconv)\.(weight|bias)$"), r"\1.lk_origin.\2"),
+    (re.compile(r"\.pwconv1\.1\."), ".pwconv1."),
+    (re.compile(r"\.act\.1\."), ".grn."),
+    (re.compile(r"\.pwconv2\.0\."), ".pwconv2."),
+    (re.compile(r"\.pwconv2\.2\."), ".pwconv2_bn."),
+)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: UniRepLKNet) -> dict[str, torch.Tensor]:
+    """Map an official UniRepLKNet state dict (train or deploy form) onto ``model``'s keys.
+
+    Drops ``head.*`` when the model has no classifier. A train-form checkpoint loaded into a
+    deploy-form model (``deploy=True``) is reparameterized block by block here; a deploy-form
+    checkpoint needs a deploy-form model (the merge cannot be undone).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        if k.startswith("head.") and model.head is None:
+            continue
+        for pattern, repl in _OFFICIAL_RENAMES:
+            k = pattern.sub(repl, k)
+        out[k] = v
+    for name, block in model.named_modules():
+        if not isinstance(block, UniRepLKNetBlock):
+            continue
+        train_form = f"{name}.norm.running_var" in out
+        if train_form and block.deploy:
+            _block_to_deploy(out, f"{name}.", block.kernel_size)
+        elif not train_form and not block.deploy and f"{name}.dwconv.lk_origin.bias" in out:
+            raise ValueError(f"the checkpoint is in deploy form (block {name} has no BatchNorm); "
+                             f"build the model with deploy=True to load it")
+    return out
+
+
+_HF = "https://huggingface.co/DingXiaoH/UniRepLKNet/resolve/main/"
+_CHECKPOINTS = {  # variant -> (official ImageNet-1k checkpoint, its resolution)
+    "unireplknet_a": ("unireplknet_a_in1k_224_acc77.03.pth", 224),
+    "unireplknet_f": ("unireplknet_f_in1k_224_acc78.58.pth", 224),
+    "unireplknet_p": ("unireplknet_p_in1k_224_acc80.23.pth", 224),
+    "unireplknet_n": ("unireplknet_n_in1k_224_acc81.64.pth", 224),
+    "unireplknet_t": ("unireplknet_t_in1k_224_acc83.21.pth", 224),
+    "unireplknet_s": ("unireplknet_s_in1k_224_acc83.91.pth", 224),
+    "unireplknet_b": ("unireplknet_b_in22k_to_in1k_384_acc87.40.pth", 384),
+}
+
+# the official kernel plans: 3x3 in stage 1, 13x13 elsewhere, interleaved with 3x3 in stage 3 of T/S/B
+_KERNELS_AFP = ((3, 3), (13, 13), (13,) * 6, (13, 13))
+_KERNELS_N = ((3, 3), (13, 13), (13,) * 8, (13, 13))
+_KERNELS_T = ((3,) * 3, (13,) * 3, (13, 3) * 9, (13,) * 3)
+_KERNELS_SB = ((3,) * 3, (13,) * 3, (13, 3, 3) * 9, (13,) * 3)
+
+
+def _create_unireplknet(variant: str, **kwargs: Any) -> UniRepLKNet:
+    model = UniRepLKNet(**kwargs)
+    if variant in _CHECKPOINTS:
+        file, size = _CHECKPOINTS[variant]
+        model.pretrained_cfg = pretrained_cfg_for(kwargs.get("img_size") or size, url=_HF + file, classifier="head",
+                                                  crop_pct=0.875 if size == 224 else 1.0)
+    return model
+
+
+@register_backbone(family="large-kernel", tiny=True)
+def unireplknet_test(**kwargs: Any) -> UniRepLKNet:
+    args = dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), kernel_sizes=((3,), (13,), (13, 3), (13,)))
+    return _create_unireplknet("unireplknet_test", **{**args, **kwargs})
+
+
+@register_backbone(family="large-kernel")
+def unireplknet_a(**kwargs: Any) -> UniRepLKNet:
+    args = dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), kernel_sizes=_KERNELS_AFP)
+    return _create_unireplknet("unireplknet_a", **{**args, **kwargs})
+
+
+@register_backbone(family="large-kernel")
+def unireplknet_f(**kwargs: Any) -> UniRepLKNet:
+    args = dict(depths=(2, 2, 6, 2), dims=(48, 96, 192, 384), kernel_sizes=_KERNELS_AFP)
+    return _create_unireplknet("unireplknet_f", **{**args, **kwargs})
+
+
+@register_backbone(family="large-kernel")
+def unireplknet_p(**kwargs: Any) -> UniRepLKNet:
+    args = dict(depths=(2, 2, 6, 2), dims=(64, 128, 256, 512), kernel_sizes=_KERNELS_AFP)
+    return _create_unireplknet("unireplknet_p", **{**args, **kwargs})
+
+
+@register_backbone(family="large-kernel")
+def unireplknet_n(**kwargs: Any) -> UniRepLKNet:
+    args = dict(depths=(2, 2, 8, 2), dims=(80, 160, 320, 640), kernel_sizes=_KERNELS_N)
+    return _create_unireplknet("unireplknet_n", **{**args, **kwargs})
+
+
+@register_backbone(family="large-kernel")
+def unireplknet_t(**kwargs: Any) -> UniRepLKNet:
+    args = dict(depths=(3, 3, 18, 3), dims=(80, 160, 320, 640), kernel_sizes=_KERNELS_T)
+    return _create_unireplknet("unireplknet_t", **{**args, **kwargs})
+
+
+@register_backbone(family="large-kernel")
+def unireplknet_s(**kwargs: Any) -> UniRepLKNet:
+    args = dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), kernel_sizes=_KERNELS_SB)
+    return _create_unireplknet("unireplknet_s", **{**args, **kwargs})
+
+
+@register_backbone(family="large-kernel")
+def unireplknet_b(**kwargs: Any) -> UniRepLKNet:
+    args = dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), kernel_sizes=_KERNELS_SB)
+    return _create_unireplknet("unireplknet_b", **{**args, **kwargs})

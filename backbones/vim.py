@@ -1,0 +1,260 @@
+"""Vision Mamba (Vim): a plain stack of bidirectional Mamba blocks over 16x16 patches.
+
+Paper: "Vision Mamba: Efficient Visual Representation Learning with Bidirectional State Space
+Model" (Zhu et al., ICML 2024); official code hustvl/Vim (``vim/models_mamba.py`` and its
+``mamba-1p1p1`` fork of ``mamba_ssm``). The released models are followed: "v2" bidirectional
+blocks (the backward direction has its own conv1d / x_proj / dt_proj / A / D, in_proj and
+out_proj are shared, the two directions are averaged), RMSNorm with the residual stream kept in
+fp32, the class token inserted in the middle of the sequence, an absolute position embedding
+(resized here when the input size changes). The selective scan is the pure-PyTorch op in
+``backbones.ops.selective_scan``, so no CUDA build is needed.
+
+The model has one level, the patch grid at stride 16 after the final norm (dense heads wrap it
+with ``as_pyramid``); ``embed(x)`` is the class token after the final norm, as in the paper.
+
+>>> from backbones import create_backbone
+>>> model = create_backbone("vim_test")
+>>> [tuple(f.shape) for f in model(torch.zeros(1, 3, 64, 64))], tuple(model.embed(torch.zeros(1, 3, 64, 64)).shape)
+([(1, 32, 4, 4)], (1, 32))
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+
+from ._features import Backbone, FeatureInfo, interpolate_pos_embed, pretrained_cfg_for
+from ._registry import register_backbone
+from .ops.selective_scan import init_a_log, init_dt_bias, selective_scan
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a weight and no bias (``mamba_ssm``'s), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+
+
+class BiMamba(nn.Module):
+    """Mamba mixer scanning the sequence both ways ("v2"): shared in/out projections, per-direction SSMs.
+
+    Parameter names are the official ones; the backward direction's carry a ``_b`` suffix.
+    """
+
+    def __init__(self, dim: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2) -> None:
+        super().__init__()
+        self.d_inner = expand * dim
+        self.d_state = d_state
+        self.dt_rank = math.ceil(dim / 16)
+        self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=False)
+        for suffix in ("", "_b"):
+            setattr(self, "conv1d" + suffix, nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
+                                                        padding=d_conv - 1))
+            setattr(self, "x_proj" + suffix, nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False))
+            dt_proj = nn.Linear(self.dt_rank, self.d_inner)
+            nn.init.uniform_(dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+            with torch.no_grad():
+                dt_proj.bias.copy_(init_dt_bias(self.d_inner))
+            setattr(self, "dt_proj" + suffix, dt_proj)
+        self.A_log = nn.Parameter(init_a_log(self.d_inner, d_state))
+        self.A_b_log = nn.Parameter(init_a_log(self.d_inner, d_state))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.D_b = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
+
+    def _scan(self, xz: torch.Tensor, suffix: str) -> torch.Tensor:
+        """One direction on [B, 2 * d_inner, L]: causal depthwise conv, SiLU, selective scan gated by z."""
+        x, z = xz.chunk(2, dim=1)
+        conv = getattr(self, "conv1d" + suffix)
+        x = F.silu(conv(x)[..., :x.shape[-1]])
+        dt, B, C = getattr(self, "x_proj" + suffix)(x.transpose(1, 2)).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt_proj = getattr(self, "dt_proj" + suffix)
+        dt = F.linear(dt, dt_proj.weight).transpose(1, 2)
+        A_log, D = (self.A_log, self.D) if suffix == "" else (self.A_b_log, self.D_b)
+        return selective_scan(x, dt, -torch.exp(A_log.float()), B.transpose(1, 2), C.transpose(1, 2), D.float(),
+                              z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xz = self.in_proj(x).transpose(1, 2)  # [B, 2 * d_inner, L]
+        y = (self._scan(xz, "") + self._scan(xz.flip(-1), "_b").flip(-1)) / 2
+        return self.out_proj(y.transpose(1, 2))
+
+
+class VimBlock(nn.Module):
+    """Add -> RMSNorm -> mixer, returning the mixer output and the (fp32) residual stream."""
+
+    def __init__(self, dim: int, *, d_state: int, expand: int, drop_path: float) -> None:
+        super().__init__()
+        self.mixer = BiMamba(dim, d_state=d_state, expand=expand)
+        self.norm = RMSNorm(dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = hidden if residual is None else residual + self.drop_path(hidden)
+        residual = residual.float()
+        return self.mixer(self.norm(residual)), residual
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches by a strided convolution (key names ``patch_embed.proj.*``)."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class Vim(Backbone):
+    """Vision Mamba: patch embedding, middle class token, ``depth`` bidirectional Mamba blocks.
+
+    ``img_size`` sets the grid of the learned position embedding; other input sizes (multiples of
+    ``patch_size``) use it resized bicubically.
+    """
+
+    family = "state-space"
+
+    def __init__(self, *, embed_dim: int, depth: int = 24, d_state: int = 16, expand: int = 2,
+                 patch_size: int = 16, img_size: int = 224, in_chans: int = 3, num_classes: int = 0,
+                 drop_path_rate: float = 0.0, out_indices: Sequence[int] | None = None) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size must be a multiple of patch_size={patch_size}, got {img_size}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: no classifier), got {num_classes}")
+        self.patch_size = patch_size
+        self.grid_size = (img_size // patch_size,) * 2
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.grid_size) + 1, embed_dim))
+        # the official drop-path schedule is shifted by one: block i drops the output of block i - 1
+        dpr = [0.0] + [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.layers = nn.ModuleList(
+            VimBlock(embed_dim, d_state=d_state, expand=expand, drop_path=dpr[i]) for i in range(depth))
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.norm_f = RMSNorm(embed_dim)
+        if num_classes:
+            self.head = nn.Linear(embed_dim, num_classes)
+        self.num_classes = num_classes
+        self.all_feature_info = FeatureInfo((embed_dim,), (patch_size,), embed_dim)
+        self.set_out_indices(out_indices)
+        self.input_multiple = patch_size
+        self.pretrained_cfg = pretrained_cfg_for(img_size, classifier="head")
+        self._init_weights(depth)
+
+    def _init_weights(self, depth: int) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        if self.num_classes:
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        for layer in self.layers:  # GPT-2 style: residual output projections scaled by 1/sqrt(depth)
+            nn.init.kaiming_uniform_(layer.mixer.out_proj.weight, a=math.sqrt(5))
+            with torch.no_grad():
+                layer.mixer.out_proj.weight /= math.sqrt(depth)
+
+    def no_weight_decay(self) -> set[str]:
+        """Position embedding, class token and the SSM's A and D (kept out of weight decay officially)."""
+        ssm = (".A_log", ".A_b_log", ".D", ".D_b")
+        return {"pos_embed", "cls_token"} | {n for n, _ in self.named_parameters() if n.endswith(ssm)}
+
+    def _pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The position embedding for a grid, the class token's entry staying in the middle."""
+        if grid == self.grid_size:
+            return self.pos_embed
+        return resize_mid_cls_pos_embed(self.pos_embed, grid)
+
+    def _forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Final-normed tokens [B, 1 + h*w, C] (class token at index h*w // 2) and the grid (h, w)."""
+        self.check_input_size(x.shape[-2], x.shape[-1])
+        x = self.patch_embed(x)
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        mid = x.shape[1] // 2
+        x = torch.cat([x[:, :mid], self.cls_token.expand(x.shape[0], -1, -1), x[:, mid:]], dim=1)
+        hidden, residual = x + self._pos_embed(grid), None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+        return self.norm_f(residual + self.drop_path(hidden)), grid
+
+    def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        tokens, (h, w) = self._forward_tokens(x)
+        mid = h * w // 2
+        patches = torch.cat([tokens[:, :mid], tokens[:, mid + 1:]], dim=1)
+        return [patches.transpose(1, 2).reshape(x.shape[0], -1, h, w)]
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, (h, w) = self._forward_tokens(x)
+        return tokens[:, h * w // 2]
+
+    def get_classifier(self) -> nn.Module:
+        if not self.num_classes:
+            return super().get_classifier()
+        return self.head
+
+
+def resize_mid_cls_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Resize a [1, 1 + h*w, C] position embedding whose class entry sits at index h*w // 2."""
+    mid = (pos_embed.shape[1] - 1) // 2
+    cls, patches = pos_embed[:, mid:mid + 1], torch.cat([pos_embed[:, :mid], pos_embed[:, mid + 1:]], dim=1)
+    patches = interpolate_pos_embed(patches, grid)
+    new_mid = grid[0] * grid[1] // 2
+    return torch.cat([patches[:, :new_mid], cls, patches[:, new_mid:]], dim=1)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Vim) -> dict[str, torch.Tensor]:
+    """Official hustvl/Vim keys are this model's; resize ``pos_embed`` and drop ``head`` when there is none."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("head.") and not model.num_classes:
+            continue
+        if k == "pos_embed" and v.shape != model.pos_embed.shape:
+            v = resize_mid_cls_pos_embed(v, model.grid_size)
+        out[k] = v
+    return out
+
+
+def _create_vim(variant: str, **kwargs: Any) -> Vim:
+    model = Vim(**kwargs)
+    model.pretrained_cfg.update(url=_URLS.get(variant))
+    return model
+
+
+# ImageNet-1k releases of the paper's models (the Hugging Face repos hustvl/Vim-*-midclstok).
+_URLS = {
+    "vim_tiny": "https://huggingface.co/hustvl/Vim-tiny-midclstok/resolve/main/vim_t_midclstok_76p1acc.pth",
+    "vim_small": "https://huggingface.co/hustvl/Vim-small-midclstok/resolve/main/vim_s_midclstok_80p5acc.pth",
+    "vim_base": "https://huggingface.co/hustvl/Vim-base-midclstok/resolve/main/vim_b_midclstok_81p9acc.pth",
+}
+
+
+@register_backbone(family="state-space", tiny=True)
+def vim_test(**kw: Any) -> Vim:
+    return _create_vim("vim_test", **{"embed_dim": 32, "depth": 2, "d_state": 4, "img_size": 64, **kw})
+
+
+@register_backbone(family="state-space")
+def vim_tiny(**kw: Any) -> Vim:
+    return _create_vim("vim_tiny", **{"embed_dim": 192, **kw})
+
+
+@register_backbone(family="state-space")
+def vim_small(**kw: Any) -> Vim:
+    return _create_vim("vim_small", **{"embed_dim": 384, **kw})
+
+
+@register_backbone(family="state-space")
+def vim_base(**kw: Any) -> Vim:
+    return _create_vim("vim_base", **{"embed_dim": 768, **kw})

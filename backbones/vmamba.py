@@ -1,0 +1,284 @@
+"""VMamba: a four-stage hierarchy of visual state-space blocks with 2D cross-scan (SS2D).
+
+Paper: "VMamba: Visual State Space Model" (Liu et al., NeurIPS 2024); official code
+MzeroMiko/VMamba (``classification/models/vmamba.py``). The released "v2" models
+(``configs/vssm/vmambav2_{tiny,small,base}_224.yaml``: ``vssm1_tiny_0230``, ``vssm1_small_0229``,
+``vssm1_base_0229``) are followed: forward type ``v05_noz`` (no gate branch), d_state 1,
+ssm_ratio 2, a depthwise 3x3 conv before the scan, channels-first LayerNorms (``ln2d``), the
+two-conv stem (``patchembed v2``) and 3x3 stride-2 conv downsampling (``downsample v3``).
+
+SS2D reads the feature map along four routes (row-major, column-major and both reversed), runs
+one selective scan per route with its own parameters (one grouped call of
+``backbones.ops.selective_scan``), and sums the four results back onto the grid.
+
+Levels are the four stage outputs (strides 4, 8, 16, 32) before each downsampling, as in the
+official detection backbone; ``embed(x)`` is the classifier's norm + global average pool.
+
+>>> from backbones import create_backbone
+>>> model = create_backbone("vmamba_test")
+>>> [tuple(f.shape) for f in model(torch.zeros(1, 3, 64, 64))]
+[(1, 16, 16, 16), (1, 32, 8, 8), (1, 64, 4, 4), (1, 128, 2, 2)]
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+
+from ._features import Backbone, FeatureInfo, pretrained_cfg_for
+from ._registry import register_backbone
+from .ops.selective_scan import init_a_log, init_dt_bias, selective_scan
+
+ROUTES = 4  # row-major, column-major, and both reversed
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class Linear2d(nn.Linear):
+    """A linear layer on the channels of an NCHW map (a 1x1 conv keeping ``nn.Linear``'s weight shape)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+
+
+def cross_scan(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, 4, C, H*W]: row-major, column-major, and both reversed."""
+    rows, cols = x.flatten(2), x.transpose(2, 3).flatten(2)
+    return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
+
+
+def cross_merge(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """[B, 4, C, H*W] -> [B, C, H, W]: the four routes put back on the grid and summed."""
+    b, _, c, _ = ys.shape
+    rows = ys[:, 0] + ys[:, 2].flip(-1)
+    cols = ys[:, 1] + ys[:, 3].flip(-1)
+    return rows.view(b, c, h, w) + cols.view(b, c, w, h).transpose(2, 3)
+
+
+class SS2D(nn.Module):
+    """2D selective scan: in_proj, depthwise conv + SiLU, four-route selective scan, out_norm, out_proj.
+
+    Parameter names and shapes are the official ones: ``x_proj_weight`` [4, R + 2N, D],
+    ``dt_projs_weight`` [4, D, R], ``dt_projs_bias`` [4, D], ``A_logs`` [4D, N], ``Ds`` [4D].
+    """
+
+    def __init__(self, dim: int, *, d_state: int = 1, ssm_ratio: float = 2.0, d_conv: int = 3) -> None:
+        super().__init__()
+        self.d_inner = d_inner = int(ssm_ratio * dim)
+        self.d_state = d_state
+        self.dt_rank = math.ceil(dim / 16)
+        self.in_proj = Linear2d(dim, d_inner, bias=False)
+        self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=False)
+        self.x_proj_weight = nn.Parameter(torch.empty(ROUTES, self.dt_rank + 2 * d_state, d_inner))
+        self.dt_projs_weight = nn.Parameter(torch.empty(ROUTES, d_inner, self.dt_rank))
+        self.dt_projs_bias = nn.Parameter(init_dt_bias(ROUTES, d_inner))
+        self.A_logs = nn.Parameter(init_a_log(ROUTES * d_inner, d_state))
+        self.Ds = nn.Parameter(torch.ones(ROUTES * d_inner))
+        self.out_norm = LayerNorm2d(d_inner)
+        self.out_proj = Linear2d(d_inner, dim, bias=False)
+        bound = d_inner ** -0.5  # nn.Linear's default for the four x projections, Mamba's for dt
+        nn.init.uniform_(self.x_proj_weight, -bound, bound)
+        nn.init.uniform_(self.dt_projs_weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.conv2d(self.in_proj(x)))
+        b, d, h, w = x.shape
+        xs = cross_scan(x)  # [B, 4, D, L]
+        dt, B, C = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=2)
+        dt = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_projs_weight)
+        ys = selective_scan(xs.flatten(1, 2), dt.flatten(1, 2), -torch.exp(self.A_logs.float()), B, C,
+                            self.Ds.float(), delta_bias=self.dt_projs_bias.flatten().float(), delta_softplus=True)
+        y = cross_merge(ys.view(b, ROUTES, d, h * w), h, w)
+        return self.out_proj(self.out_norm(y))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = Linear2d(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = Linear2d(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VSSBlock(nn.Module):
+    """x + SS2D(norm(x)), then x + MLP(norm2(x)), channels-first."""
+
+    def __init__(self, dim: int, *, d_state: int, ssm_ratio: float, mlp_ratio: float, drop_path: float) -> None:
+        super().__init__()
+        self.norm = LayerNorm2d(dim)
+        self.op = SS2D(dim, d_state=d_state, ssm_ratio=ssm_ratio)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = LayerNorm2d(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.op(self.norm(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ConvNorm(nn.Module):
+    """3x3 stride-2 conv then a channels-first LayerNorm (the downsampling between stages)."""
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, out_dim, 3, 2, 1)
+        self.norm = LayerNorm2d(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+class Stem(nn.Module):
+    """Two 3x3 stride-2 convs with a norm and GELU between them: the stride-4 patch embedding."""
+
+    def __init__(self, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, 2, 1)
+        self.norm1 = LayerNorm2d(dim // 2)
+        self.conv2 = nn.Conv2d(dim // 2, dim, 3, 2, 1)
+        self.norm2 = LayerNorm2d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm2(self.conv2(F.gelu(self.norm1(self.conv1(x)))))
+
+
+class Stage(nn.Module):
+    def __init__(self, dim: int, out_dim: int | None, *, depth: int, drop_path: Sequence[float],
+                 **block_args: Any) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[VSSBlock(dim, drop_path=drop_path[i], **block_args) for i in range(depth)])
+        self.downsample = ConvNorm(dim, out_dim) if out_dim else nn.Identity()
+
+
+class VMamba(Backbone):
+    """VMamba (v2): stem, four stages of VSS blocks at strides 4-32, classifier norm (+ head).
+
+    ``dims`` is the first stage's width (doubled at every stage) or the four widths.
+    """
+
+    family = "state-space"
+
+    def __init__(self, *, depths: Sequence[int] = (2, 2, 5, 2), dims: int | Sequence[int] = 96, d_state: int = 1,
+                 ssm_ratio: float = 2.0, mlp_ratio: float = 4.0, in_chans: int = 3, num_classes: int = 0,
+                 drop_path_rate: float = 0.0, out_indices: Sequence[int] | None = None) -> None:
+        super().__init__()
+        dims = [dims * 2 ** i for i in range(len(depths))] if isinstance(dims, int) else list(dims)
+        if len(dims) != len(depths):
+            raise ValueError(f"dims and depths need one entry per stage, got dims={dims} depths={list(depths)}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: no classifier), got {num_classes}")
+        self.patch_embed = Stem(in_chans, dims[0])
+        dpr = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
+        self.layers = nn.ModuleList(
+            Stage(dims[i], dims[i + 1] if i + 1 < len(dims) else None, depth=depths[i],
+                  drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], d_state=d_state, ssm_ratio=ssm_ratio,
+                  mlp_ratio=mlp_ratio)
+            for i in range(len(depths)))
+        self.classifier = nn.ModuleDict({"norm": LayerNorm2d(dims[-1])})
+        if num_classes:
+            self.classifier["head"] = nn.Linear(dims[-1], num_classes)
+        self.num_classes = num_classes
+        self.all_feature_info = FeatureInfo(tuple(dims), tuple(4 * 2 ** i for i in range(len(dims))), dims[-1])
+        self.set_out_indices(out_indices)
+        self.input_multiple = 4 * 2 ** (len(dims) - 1)
+        self.pretrained_cfg = pretrained_cfg_for(224, classifier="classifier.head")
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """The SSM's A and D, kept out of weight decay officially."""
+        return {n for n, _ in self.named_parameters() if n.endswith((".A_logs", ".Ds"))}
+
+    def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.patch_embed(x)
+        levels = []
+        for stage in self.layers:
+            x = stage.blocks(x)
+            levels.append(x)
+            x = stage.downsample(x)
+        return levels
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input_size(x.shape[-2], x.shape[-1])
+        return self.classifier.norm(self.forward_levels(x)[-1]).mean((2, 3))
+
+    def get_classifier(self) -> nn.Module:
+        if not self.num_classes:
+            return super().get_classifier()
+        return self.classifier.head
+
+
+_OFFICIAL_RENAMES = (
+    (r"^patch_embed\.0\.", "patch_embed.conv1."),
+    (r"^patch_embed\.2\.", "patch_embed.norm1."),
+    (r"^patch_embed\.5\.", "patch_embed.conv2."),
+    (r"^patch_embed\.7\.", "patch_embed.norm2."),
+    (r"^(layers\.\d+\.downsample)\.1\.", r"\1.conv."),
+    (r"^(layers\.\d+\.downsample)\.3\.", r"\1.norm."),
+)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VMamba) -> dict[str, torch.Tensor]:
+    """Official MzeroMiko/VMamba keys -> this model's: index-named Sequentials become named modules."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("classifier.head.") and not model.num_classes:
+            continue
+        for pattern, repl in _OFFICIAL_RENAMES:
+            k = re.sub(pattern, repl, k)
+        out[k] = v
+    return out
+
+
+def _create_vmamba(variant: str, **kwargs: Any) -> VMamba:
+    model = VMamba(**kwargs)
+    model.pretrained_cfg.update(url=_URLS.get(variant))
+    return model
+
+
+# ImageNet-1k releases of the v2 models (github.com/MzeroMiko/VMamba, release #20240316).
+_URLS = {
+    "vmamba_tiny": "https://github.com/MzeroMiko/VMamba/releases/download/%2320240316/vssm_tiny_0230_ckpt_epoch_262.pth",
+    "vmamba_small": "https://github.com/MzeroMiko/VMamba/releases/download/%2320240316/vssm_small_0229_ckpt_epoch_222.pth",
+    "vmamba_base": "https://github.com/MzeroMiko/VMamba/releases/download/%2320240316/vssm_base_0229_ckpt_epoch_237.pth",
+}
+
+
+@register_backbone(family="state-space", tiny=True)
+def vmamba_test(**kw: Any) -> VMamba:
+    return _create_vmamba("vmamba_test", **{"depths": (1, 1, 1, 1), "dims": 16, **kw})
+
+
+@register_backbone(family="state-space")
+def vmamba_tiny(**kw: Any) -> VMamba:
+    return _create_vmamba("vmamba_tiny", **{"depths": (2, 2, 5, 2), "dims": 96, **kw})
+
+
+@register_backbone(family="state-space")
+def vmamba_small(**kw: Any) -> VMamba:
+    return _create_vmamba("vmamba_small", **{"depths": (2, 2, 15, 2), "dims": 96, **kw})
+
+
+@register_backbone(family="state-space")
+def vmamba_base(**kw: Any) -> VMamba:
+    return _create_vmamba("vmamba_base", **{"depths": (2, 2, 15, 2), "dims": 128, **kw})

@@ -1,0 +1,351 @@
+"""UniRepLKNet and RepLKNet: large-kernel ops, exact structural reparameterization, official layouts.
+
+Official-layout state dicts are built here from the key names and shapes of the official code
+(AILab-CVC/UniRepLKNet ``unireplknet.py``, DingXiaoH/RepLKNet-pytorch ``replknet.py``), not from
+the models under test, and must load with ``strict=True`` after ``checkpoint_filter_fn``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from arena.bench import count_flops, count_params
+from backbones import create_backbone, list_backbones
+from backbones import replknet as rlk
+from backbones import unireplknet as url
+from backbones.ops.large_kernel import (STRATEGIES, DepthwiseConv2d, center_pad, default_strategy, depthwise_conv2d,
+                                        dilate_kernel)
+
+UNIREPLKNET = ["unireplknet_a", "unireplknet_f", "unireplknet_p", "unireplknet_n", "unireplknet_t", "unireplknet_s",
+               "unireplknet_b"]
+REPLKNET = ["replknet_31b", "replknet_31l"]
+SMALL_DIMS = dict(dims=(8, 16, 24, 32))  # full depths and kernel plans, small widths
+SMALL_CHANNELS = dict(channels=(8, 16, 24, 32))
+# official Dilated Reparam Block branches of the 13x13 kernel: (kernel, dilation)
+OFFICIAL_BRANCHES_13 = ((5, 1), (7, 2), (3, 3), (3, 4), (3, 5))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a busy shared CPU, thread barriers cost more than they save here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial weights and BatchNorm running statistics, so that every merge is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.5 * torch.randn(b.shape, generator=g))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+    return model
+
+
+def assert_same_outputs(a: list[torch.Tensor], b: list[torch.Tensor], rel: float = 1e-4) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        scale = x.abs().max().item()
+        assert scale > 0
+        assert (x - y).abs().max().item() <= rel * scale, ((x - y).abs().max().item(), scale)
+
+
+# --- ops -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [3, 13, 31])
+def test_depthwise_strategies_agree(k: int) -> None:
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 6, 14, 14), torch.randn(6, 1, k, k), torch.randn(6)
+    ref = F.conv2d(x, w, b, padding=k // 2, groups=6)
+    for s in STRATEGIES:
+        y = depthwise_conv2d(x, w, b, strategy=s)
+        assert y.shape == ref.shape
+        torch.testing.assert_close(y, ref, atol=1e-3, rtol=1e-4)
+
+
+def test_depthwise_dilation_and_errors() -> None:
+    x, w = torch.randn(1, 4, 20, 20), torch.randn(4, 1, 3, 3)
+    ref = F.conv2d(x, w, padding=3, dilation=3, groups=4)
+    for s in ("plain", "channels_last"):
+        torch.testing.assert_close(depthwise_conv2d(x, w, dilation=3, strategy=s), ref)
+    with pytest.raises(ValueError, match="dilation=1"):
+        depthwise_conv2d(x, w, dilation=2, strategy="fft")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        depthwise_conv2d(x, w, strategy="winograd")
+    with pytest.raises(ValueError, match="odd"):
+        DepthwiseConv2d(4, 4)
+
+
+def test_default_strategy_follows_the_cpu_measurements() -> None:
+    assert [default_strategy(k, "cpu") for k in (3, 7, 13)] == ["plain"] * 3
+    assert [default_strategy(k, "cpu") for k in (17, 27, 31)] == ["channels_last"] * 3
+    assert default_strategy(31, "cuda") == default_strategy(31, "meta") == "plain"
+
+
+def test_depthwise_conv_module_is_a_conv2d() -> None:
+    m = DepthwiseConv2d(8, 5, dilation=2, bias=True)
+    ref = torch.nn.Conv2d(8, 8, 5, padding=4, dilation=2, groups=8, bias=True)
+    assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(1, 8, 16, 16)
+    torch.testing.assert_close(m(x), ref(x))
+
+
+def test_dilated_kernel_equals_dilated_conv() -> None:
+    x, w = torch.randn(1, 3, 21, 21), torch.randn(3, 1, 3, 3)
+    dense = center_pad(dilate_kernel(w, 4), 13)
+    assert dense.shape == (3, 1, 13, 13)
+    torch.testing.assert_close(F.conv2d(x, dense, padding=6, groups=3),
+                               F.conv2d(x, w, padding=4, dilation=4, groups=3), atol=1e-5, rtol=1e-5)
+
+
+# --- reparameterization: train form == deploy form ----------------------------------------------------
+@pytest.mark.parametrize("name", UNIREPLKNET)
+def test_unireplknet_reparam_is_exact_for_every_kernel_plan(name: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_(create_backbone(name, **SMALL_DIMS)).eval()
+    plan = [b.kernel_size for s in model.stages for b in s]
+    assert plan.count(3) >= 2 and plan.count(13) >= 6
+    x = torch.randn(1, 3, 64, 64)  # stage 2 at 8x8: every tap of every dilated branch is used
+    with torch.no_grad():
+        ref, ref_embed = model(x), model.embed(x)
+        deployed = copy.deepcopy(model)
+        deployed.reparameterize()
+        assert deployed.deploy and not model.deploy
+        assert_same_outputs(ref, deployed(x))
+        assert_same_outputs([ref_embed], [deployed.embed(x)])
+        # the deploy form built directly holds exactly the reparameterized weights
+        built = create_backbone(name, deploy=True, **SMALL_DIMS).eval()
+        built.load_state_dict(deployed.state_dict(), strict=True)
+        assert_same_outputs(ref, built(x))
+    assert count_params(deployed) < count_params(model)
+
+
+@pytest.mark.parametrize("name", REPLKNET)
+def test_replknet_reparam_is_exact(name: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_(create_backbone(name, **SMALL_CHANNELS)).eval()
+    assert [s.blocks[0].large_kernel.kernel_size for s in model.stages] == [31, 29, 27, 13]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        deployed = timm.utils.reparameterize_model(model)  # a copy, through timm's walker
+        assert deployed.deploy and not model.deploy
+        assert_same_outputs(ref, deployed(x))
+        built = create_backbone(name, deploy=True, **SMALL_CHANNELS).eval()
+        built.load_state_dict(deployed.state_dict(), strict=True)
+        assert_same_outputs(ref, built(x))
+
+
+def test_timm_walker_and_reparameterize_agree_on_unireplknet() -> None:
+    model = randomize_(create_backbone("unireplknet_test")).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a = timm.utils.reparameterize_model(model)
+        model.reparameterize()
+        model.reparameterize()  # idempotent
+        assert a.state_dict().keys() == model.state_dict().keys()
+        assert_same_outputs(model(x), a(x), rel=1e-6)
+
+
+# --- official key layouts ------------------------------------------------------------------------------
+def bn_keys(prefix: str, c: int) -> dict[str, tuple[int, ...]]:
+    return {f"{prefix}.weight": (c,), f"{prefix}.bias": (c,), f"{prefix}.running_mean": (c,),
+            f"{prefix}.running_var": (c,), f"{prefix}.num_batches_tracked": ()}
+
+
+def official_unireplknet_layout(depths, dims, kernel_sizes, *, deploy: bool, num_classes: int) -> dict:
+    """Key -> shape of the official UniRepLKNet (``num_classes`` head, train or deploy form)."""
+    d0 = dims[0]
+    s = {"downsample_layers.0.0.weight": (d0 // 2, 3, 3, 3), "downsample_layers.0.0.bias": (d0 // 2,),
+         "downsample_layers.0.1.weight": (d0 // 2,), "downsample_layers.0.1.bias": (d0 // 2,),
+         "downsample_layers.0.3.weight": (d0, d0 // 2, 3, 3), "downsample_layers.0.3.bias": (d0,),
+         "downsample_layers.0.4.weight": (d0,), "downsample_layers.0.4.bias": (d0,)}
+    for i in range(1, 4):
+        s |= {f"downsample_layers.{i}.0.weight": (dims[i], dims[i - 1], 3, 3), f"downsample_layers.{i}.0.bias": (dims[i],),
+              f"downsample_layers.{i}.1.weight": (dims[i],), f"downsample_layers.{i}.1.bias": (dims[i],)}
+    for i, (depth, d) in enumerate(zip(depths, dims)):
+        for j in range(depth):
+            p, k, h = f"stages.{i}.{j}", kernel_sizes[i][j], 4 * d
+            if k == 13:
+                s[f"{p}.dwconv.lk_origin.weight"] = (d, 1, 13, 13)
+                if deploy:
+                    s[f"{p}.dwconv.lk_origin.bias"] = (d,)
+                else:
+                    s |= bn_keys(f"{p}.dwconv.origin_bn", d)
+                    for bk, r in OFFICIAL_BRANCHES_13:
+                        s[f"{p}.dwconv.dil_conv_k{bk}_{r}.weight"] = (d, 1, bk, bk)
+                        s |= bn_keys(f"{p}.dwconv.dil_bn_k{bk}_{r}", d)
+            else:
+                s[f"{p}.dwconv.weight"] = (d, 1, k, k)
+                if deploy:
+                    s[f"{p}.dwconv.bias"] = (d,)
+            if not deploy:
+                s |= bn_keys(f"{p}.norm", d)
+            s |= {f"{p}.se.down.weight": (d // 4, d, 1, 1), f"{p}.se.down.bias": (d // 4,),
+                  f"{p}.se.up.weight": (d, d // 4, 1, 1), f"{p}.se.up.bias": (d,),
+                  f"{p}.pwconv1.1.weight": (h, d), f"{p}.pwconv1.1.bias": (h,),
+                  f"{p}.act.1.gamma": (1, 1, 1, h), f"{p}.pwconv2.0.weight": (d, h)}
+            if deploy:
+                s[f"{p}.pwconv2.0.bias"] = (d,)
+            else:
+                s |= {f"{p}.act.1.beta": (1, 1, 1, h), f"{p}.gamma": (d,)} | bn_keys(f"{p}.pwconv2.2", d)
+    s |= {"norm.weight": (dims[-1],), "norm.bias": (dims[-1],),
+          "head.weight": (num_classes, dims[-1]), "head.bias": (num_classes,)}
+    return s
+
+
+def official_replknet_layout(kernels, layers, channels, *, deploy: bool, num_classes: int) -> dict:
+    """Key -> shape of the official RepLKNet (small kernel 5, ``num_classes`` head)."""
+    c0 = channels[0]
+    s = {}
+    for i, shape in enumerate([(c0, 3, 3, 3), (c0, 1, 3, 3), (c0, c0, 1, 1), (c0, 1, 3, 3)]):
+        s |= {f"stem.{i}.conv.weight": shape} | bn_keys(f"stem.{i}.bn", c0)
+    for i, (k, n, c) in enumerate(zip(kernels, layers, channels)):
+        for j in range(n):
+            p, q = f"stages.{i}.blocks.{2 * j}", f"stages.{i}.blocks.{2 * j + 1}"
+            s |= bn_keys(f"{p}.prelkb_bn", c) | {f"{p}.pw1.conv.weight": (c, c, 1, 1)} | bn_keys(f"{p}.pw1.bn", c)
+            if deploy:
+                s |= {f"{p}.large_kernel.lkb_reparam.weight": (c, 1, k, k), f"{p}.large_kernel.lkb_reparam.bias": (c,)}
+            else:
+                s |= {f"{p}.large_kernel.lkb_origin.conv.weight": (c, 1, k, k),
+                      f"{p}.large_kernel.small_conv.conv.weight": (c, 1, 5, 5)}
+                s |= bn_keys(f"{p}.large_kernel.lkb_origin.bn", c) | bn_keys(f"{p}.large_kernel.small_conv.bn", c)
+            s |= {f"{p}.pw2.conv.weight": (c, c, 1, 1)} | bn_keys(f"{p}.pw2.bn", c)
+            s |= bn_keys(f"{q}.preffn_bn", c) | {f"{q}.pw1.conv.weight": (4 * c, c, 1, 1)} | bn_keys(f"{q}.pw1.bn", 4 * c)
+            s |= {f"{q}.pw2.conv.weight": (c, 4 * c, 1, 1)} | bn_keys(f"{q}.pw2.bn", c)
+        if i < 3:
+            nxt = channels[i + 1]
+            s |= {f"transitions.{i}.0.conv.weight": (nxt, c, 1, 1), f"transitions.{i}.1.conv.weight": (nxt, 1, 3, 3)}
+            s |= bn_keys(f"transitions.{i}.0.bn", nxt) | bn_keys(f"transitions.{i}.1.bn", nxt)
+    s |= bn_keys("norm", channels[-1]) | {"head.weight": (num_classes, channels[-1]), "head.bias": (num_classes,)}
+    return s
+
+
+def random_state(layout: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, shape in layout.items():
+        if k.endswith("num_batches_tracked"):
+            out[k] = torch.tensor(100)
+        elif k.endswith("running_var"):
+            out[k] = 0.5 + torch.rand(shape, generator=g)
+        else:
+            out[k] = 0.2 * torch.randn(shape, generator=g)
+    return out
+
+
+UNI_TEST = dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), kernel_sizes=((3,), (13,), (13, 3), (13,)))
+RLK_TEST = dict(kernels=(31, 29, 27, 13), layers=(1, 1, 1, 1), channels=(16, 32, 64, 128))
+
+
+def uni_layout(deploy: bool, num_classes: int = 1000) -> dict:
+    return official_unireplknet_layout(UNI_TEST["depths"], UNI_TEST["dims"], UNI_TEST["kernel_sizes"],
+                                       deploy=deploy, num_classes=num_classes)
+
+
+def rlk_layout(deploy: bool, num_classes: int = 1000) -> dict:
+    return official_replknet_layout(RLK_TEST["kernels"], RLK_TEST["layers"], RLK_TEST["channels"],
+                                    deploy=deploy, num_classes=num_classes)
+
+
+FAMILIES = [("unireplknet_test", url.checkpoint_filter_fn, uni_layout),
+            ("replknet_test", rlk.checkpoint_filter_fn, rlk_layout)]
+
+
+@pytest.mark.parametrize("name,filter_fn,layout", FAMILIES)
+@pytest.mark.parametrize("ckpt_deploy,model_deploy", [(False, False), (True, True), (False, True)])
+@pytest.mark.parametrize("num_classes", [0, 1000])
+def test_official_layout_loads_strictly(name: str, filter_fn: Callable, layout: Callable, ckpt_deploy: bool,
+                                        model_deploy: bool, num_classes: int) -> None:
+    official = random_state(layout(ckpt_deploy))
+    model = create_backbone(name, deploy=model_deploy, num_classes=num_classes)
+    result = model.load_state_dict(filter_fn(dict(official), model), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    if num_classes:
+        torch.testing.assert_close(model.get_classifier().weight, official["head.weight"])
+
+
+@pytest.mark.parametrize("name,filter_fn,layout", FAMILIES)
+def test_train_checkpoint_into_deploy_model_keeps_the_function(name: str, filter_fn: Callable,
+                                                               layout: Callable) -> None:
+    official = random_state(layout(False))
+    train = create_backbone(name).eval()
+    train.load_state_dict(filter_fn(dict(official), train), strict=True)
+    deploy = create_backbone(name, deploy=True).eval()
+    deploy.load_state_dict(filter_fn(dict(official), deploy), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_same_outputs(train(x), deploy(x))
+
+
+@pytest.mark.parametrize("name,filter_fn,layout", FAMILIES)
+def test_deploy_checkpoint_into_train_model_is_refused(name: str, filter_fn: Callable, layout: Callable) -> None:
+    model = create_backbone(name)
+    with pytest.raises(ValueError, match="deploy=True"):
+        filter_fn(random_state(layout(True)), model)
+
+
+@pytest.mark.parametrize("wrapper", ["model", "module", None])
+def test_official_file_loads_through_create_backbone(tmp_path, wrapper: str | None) -> None:
+    official = random_state(uni_layout(False))
+    path = tmp_path / "unireplknet_test.pth"
+    torch.save({wrapper: official} if wrapper else official, path)
+    model = create_backbone("unireplknet_test", pretrained=str(path))
+    expected = {k: v for k, v in url.checkpoint_filter_fn(dict(official), model).items()}
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, expected[k])
+
+
+# --- shapes, counts, errors -----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["unireplknet_test", "replknet_test"])
+def test_tiny_feature_shapes_and_strides(name: str) -> None:
+    model = create_backbone(name).eval()
+    assert model.family == "large-kernel" and model.feature_info.strides == (4, 8, 16, 32)
+    for res in (64, 96):
+        with torch.no_grad():
+            feats = model(torch.randn(1, 3, res, res))
+        assert [tuple(f.shape[1:]) for f in feats] == [(c, res // s, res // s) for c, s in model.feature_info]
+    picked = create_backbone(name, out_indices=(1, 3))
+    assert picked.feature_info.strides == (8, 32) and len(picked(torch.randn(1, 3, 64, 64))) == 2
+
+
+def test_registered_names() -> None:
+    assert list_backbones("unireplknet_*") == sorted(UNIREPLKNET + ["unireplknet_test"])
+    assert list_backbones("replknet_*") == sorted(REPLKNET + ["replknet_test"])
+
+
+# (name, paper params in M incl. the 1000-class head, paper GMACs at 224, GMACs tolerance)
+# The paper rounds UniRepLKNet-A's 0.64 GMACs to one decimal (0.6G); the others are within 1%.
+PAPER = [("unireplknet_a", 4.4, 0.6, 0.05), ("unireplknet_t", 31.0, 4.9, 0.05 * 4.9),
+         ("replknet_31b", 79.0, 15.3, 0.05 * 15.3)]
+
+
+@pytest.mark.parametrize("name,params_m,gmacs,tol", PAPER)
+def test_params_and_flops_match_the_papers(name: str, params_m: float, gmacs: float, tol: float) -> None:
+    with torch.device("meta"):
+        model = create_backbone(name, num_classes=1000, deploy=True)
+        p, f = count_params(model) / 1e6, count_flops(model, 224) / 2e9
+    assert abs(p - params_m) <= 0.02 * params_m, p
+    assert abs(f - gmacs) <= tol, f
+
+
+def test_constructor_errors_name_the_bad_value() -> None:
+    with pytest.raises(ValueError, match="kernel_size must be one of"):
+        create_backbone("unireplknet_test", kernel_sizes=((3,), (13,), (13, 4), (13,)))
+    with pytest.raises(ValueError, match="stage 2 has depth 2 but 1 kernel sizes"):
+        create_backbone("unireplknet_test", kernel_sizes=((3,), (13,), (13,), (13,)))
+    with pytest.raises(ValueError, match="small_kernel"):
+        create_backbone("replknet_test", large_kernel_sizes=(3, 3, 3, 3))
+    with pytest.raises(ValueError, match="num_classes=N"):
+        create_backbone("replknet_test").get_classifier()

@@ -1,0 +1,228 @@
+"""Vim and VMamba: feature contract, official checkpoint layouts, position embeddings, sizes, training."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from arena.bench import count_flops, count_params
+from backbones import create_backbone, vim, vmamba
+from backbones.vim import resize_mid_cls_pos_embed
+
+
+# --- the official key layouts, written out from the hustvl/Vim and MzeroMiko/VMamba model code ------------------
+def official_vim_layout(dim: int, depth: int, d_state: int = 16, grid: int = 14, num_classes: int = 1000,
+                        d_conv: int = 4) -> dict[str, tuple[int, ...]]:
+    di, r = 2 * dim, math.ceil(dim / 16)
+    keys = {"patch_embed.proj.weight": (dim, 3, 16, 16), "patch_embed.proj.bias": (dim,),
+            "pos_embed": (1, grid * grid + 1, dim), "cls_token": (1, 1, dim), "norm_f.weight": (dim,),
+            "head.weight": (num_classes, dim), "head.bias": (num_classes,)}
+    for i in range(depth):
+        p = f"layers.{i}."
+        keys[p + "norm.weight"] = (dim,)
+        keys[p + "mixer.in_proj.weight"] = (2 * di, dim)
+        keys[p + "mixer.out_proj.weight"] = (dim, di)
+        for s in ("", "_b"):
+            keys[p + f"mixer.conv1d{s}.weight"] = (di, 1, d_conv)
+            keys[p + f"mixer.conv1d{s}.bias"] = (di,)
+            keys[p + f"mixer.x_proj{s}.weight"] = (r + 2 * d_state, di)
+            keys[p + f"mixer.dt_proj{s}.weight"] = (di, r)
+            keys[p + f"mixer.dt_proj{s}.bias"] = (di,)
+        keys[p + "mixer.A_log"] = keys[p + "mixer.A_b_log"] = (di, d_state)
+        keys[p + "mixer.D"] = keys[p + "mixer.D_b"] = (di,)
+    return keys
+
+
+def official_vmamba_layout(dim: int, depths: tuple[int, ...], d_state: int = 1, ssm_ratio: float = 2.0,
+                           num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
+    keys = {"patch_embed.0.weight": (dim // 2, 3, 3, 3), "patch_embed.0.bias": (dim // 2,),
+            "patch_embed.2.weight": (dim // 2,), "patch_embed.2.bias": (dim // 2,),
+            "patch_embed.5.weight": (dim, dim // 2, 3, 3), "patch_embed.5.bias": (dim,),
+            "patch_embed.7.weight": (dim,), "patch_embed.7.bias": (dim,)}
+    for i, depth in enumerate(depths):
+        c = dim * 2 ** i
+        di, r = int(ssm_ratio * c), math.ceil(c / 16)
+        for j in range(depth):
+            p = f"layers.{i}.blocks.{j}."
+            keys.update({
+                p + "norm.weight": (c,), p + "norm.bias": (c,),
+                p + "op.in_proj.weight": (di, c), p + "op.conv2d.weight": (di, 1, 3, 3),
+                p + "op.x_proj_weight": (4, r + 2 * d_state, di), p + "op.dt_projs_weight": (4, di, r),
+                p + "op.dt_projs_bias": (4, di), p + "op.A_logs": (4 * di, d_state), p + "op.Ds": (4 * di,),
+                p + "op.out_norm.weight": (di,), p + "op.out_norm.bias": (di,), p + "op.out_proj.weight": (c, di),
+                p + "norm2.weight": (c,), p + "norm2.bias": (c,),
+                p + "mlp.fc1.weight": (4 * c, c), p + "mlp.fc1.bias": (4 * c,),
+                p + "mlp.fc2.weight": (c, 4 * c), p + "mlp.fc2.bias": (c,),
+            })
+        if i + 1 < len(depths):
+            keys.update({f"layers.{i}.downsample.1.weight": (2 * c, c, 3, 3), f"layers.{i}.downsample.1.bias": (2 * c,),
+                         f"layers.{i}.downsample.3.weight": (2 * c,), f"layers.{i}.downsample.3.bias": (2 * c,)})
+    c = dim * 2 ** (len(depths) - 1)
+    keys.update({"classifier.norm.weight": (c,), "classifier.norm.bias": (c,),
+                 "classifier.head.weight": (num_classes, c), "classifier.head.bias": (num_classes,)})
+    return keys
+
+
+def _random_state(layout: dict[str, tuple[int, ...]], device: str = "cpu") -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {k: (0.02 * torch.randn(s, generator=g) if device == "cpu" else torch.empty(s, device=device))
+            for k, s in layout.items()}
+
+
+FULL_LAYOUTS = [
+    ("vim_tiny", lambda nc: official_vim_layout(192, 24, num_classes=nc)),
+    ("vim_small", lambda nc: official_vim_layout(384, 24, num_classes=nc)),
+    ("vim_base", lambda nc: official_vim_layout(768, 24, num_classes=nc)),
+    ("vmamba_tiny", lambda nc: official_vmamba_layout(96, (2, 2, 5, 2), num_classes=nc)),
+    ("vmamba_small", lambda nc: official_vmamba_layout(96, (2, 2, 15, 2), num_classes=nc)),
+    ("vmamba_base", lambda nc: official_vmamba_layout(128, (2, 2, 15, 2), num_classes=nc)),
+]
+
+
+@pytest.mark.parametrize("name,layout", FULL_LAYOUTS, ids=[n for n, _ in FULL_LAYOUTS])
+@pytest.mark.parametrize("num_classes", [1000, 0])
+def test_official_layout_matches_every_key_and_shape(name, layout, num_classes):
+    with torch.device("meta"):
+        model = create_backbone(name, num_classes=num_classes)
+    module = vim if name.startswith("vim") else vmamba
+    mapped = module.checkpoint_filter_fn(_random_state(layout(1000), "meta"), model)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == expected
+
+
+@pytest.mark.parametrize("name,layout,module", [
+    ("vim_test", official_vim_layout(32, 2, d_state=4, grid=4), vim),
+    ("vmamba_test", official_vmamba_layout(16, (1, 1, 1, 1)), vmamba),
+])
+def test_official_state_dict_loads_strictly(name, layout, module, tmp_path):
+    state = _random_state(layout)
+    model = create_backbone(name, num_classes=1000).eval()
+    result = model.load_state_dict(module.checkpoint_filter_fn(state, model), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    head = "head.weight" if module is vim else "classifier.head.weight"
+    assert torch.equal(model.get_classifier().weight, state[head])
+    logits = model.logits(torch.randn(1, 3, 64, 64))
+    assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
+
+    backbone = create_backbone(name)  # num_classes=0: the classifier is dropped
+    result = backbone.load_state_dict(module.checkpoint_filter_fn(state, backbone), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+    from backbones._weights import load_pretrained  # the generic loader unwraps "model" / "model_ema"
+    path = tmp_path / "official.pth"
+    torch.save({"model_ema": state, "epoch": 300}, path)
+    report = load_pretrained(create_backbone(name), str(path))
+    assert report.ok
+
+
+def test_vim_checkpoint_at_another_resolution_is_resized():
+    layout = official_vim_layout(32, 2, d_state=4, grid=6)  # e.g. a 384 fine-tuned release, here 96 / 16
+    state = _random_state(layout)
+    model = create_backbone("vim_test")
+    mapped = vim.checkpoint_filter_fn(state, model)
+    assert mapped["pos_embed"].shape == model.pos_embed.shape
+    assert torch.equal(mapped["pos_embed"][:, 8], state["pos_embed"][:, 18])  # the middle class entry is kept
+
+
+def test_mid_cls_pos_embed_resize():
+    grid = torch.arange(16.0).view(1, 16, 1).expand(1, 16, 3)
+    pos = torch.cat([grid[:, :8], torch.full((1, 1, 3), -7.0), grid[:, 8:]], dim=1)  # 4x4 grid, class entry at 8
+    same = resize_mid_cls_pos_embed(pos, (4, 4))
+    assert torch.equal(same, pos)
+    big = resize_mid_cls_pos_embed(pos, (6, 8))
+    assert big.shape == (1, 49, 3)
+    assert torch.equal(big[:, 24], torch.full((1, 3), -7.0))  # class entry in the new middle
+    assert not (torch.cat([big[:, :24], big[:, 25:]], 1) == -7.0).any()
+    constant = resize_mid_cls_pos_embed(torch.ones(1, 17, 3), (6, 8))
+    assert torch.allclose(constant, torch.ones(1, 49, 3))
+
+
+@pytest.mark.parametrize("name", ["vim_test", "vmamba_test"])
+@pytest.mark.parametrize("size", [(64, 64), (96, 128)])
+def test_features_follow_feature_info(name, size):
+    model = create_backbone(name).eval()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        feats, emb = model(x), model.embed(x)
+    assert len(feats) == len(model.feature_info)
+    for f, (c, s) in zip(feats, model.feature_info):
+        assert f.shape == (2, c, size[0] // s, size[1] // s)
+        assert torch.isfinite(f).all()
+    assert emb.shape == (2, model.embed_dim)
+
+
+def test_vim_single_level_and_pyramid():
+    from backbones import as_pyramid
+
+    model = create_backbone("vim_test")
+    assert model.feature_info.strides == (16,) and model.family == "state-space"
+    pyramid = as_pyramid(model)
+    assert [tuple(f.shape[-2:]) for f in pyramid(torch.randn(1, 3, 64, 64))] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    with pytest.raises(ValueError, match="divisible by 16"):
+        model(torch.randn(1, 3, 64, 72))
+
+
+def test_vim_uses_both_directions_and_middle_cls():
+    torch.manual_seed(0)
+    model = create_backbone("vim_test").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        base = model.embed(x)
+        model.layers[0].mixer.A_b_log.add_(1.0)  # only the backward-direction SSM changes
+        assert not torch.allclose(model.embed(x), base)
+        tokens, grid = model._forward_tokens(x)
+    assert tokens.shape == (1, 17, 32) and torch.equal(tokens[:, 8], model.embed(x))
+
+
+def test_vmamba_cross_scan_routes():
+    x = torch.arange(6.0).view(1, 1, 2, 3)
+    routes = vmamba.cross_scan(x)[0, :, 0]
+    assert routes.tolist() == [[0, 1, 2, 3, 4, 5], [0, 3, 1, 4, 2, 5], [5, 4, 3, 2, 1, 0], [5, 2, 4, 1, 3, 0]]
+    assert torch.equal(vmamba.cross_merge(vmamba.cross_scan(x), 2, 3), 4 * x)
+
+
+@pytest.mark.parametrize("name,params_m,tolerance", [
+    ("vim_tiny", 7, 0.025), ("vim_small", 26, 0.02), ("vim_base", 98, 0.02),
+    ("vmamba_tiny", 30, 0.025), ("vmamba_small", 50, 0.02), ("vmamba_base", 89, 0.02),
+])
+def test_parameter_counts_match_the_papers(name, params_m, tolerance):
+    """Papers count the 1000-class head; they round (Vim-Ti 7.15M -> "7M", VMamba-T 30.7M -> "30M")."""
+    with torch.device("meta"):
+        model = create_backbone(name, num_classes=1000)
+    assert abs(count_params(model) / 1e6 - params_m) / params_m < tolerance
+
+
+def test_vmamba_tiny_flops_include_the_scan():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = create_backbone("vmamba_tiny", num_classes=1000)
+        with FlopCounterMode(display=False) as counter:
+            model.logits(torch.zeros(1, 3, 224, 224))
+    assert abs(count_flops(model, 224) / 2 / 4.9e9 - 1) < 0.10  # the paper's 4.9G multiply-adds
+    scan = counter.get_flop_counts()["Global"][torch.ops.backbone_arena.selective_scan]
+    # per stage: blocks x 4 routes x d_inner x tokens x (9 d_state + 1 for D) multiply-adds, d_state = 1
+    expected = sum(depth * 4 * (2 * 96 * 2 ** i) * (56 // 2 ** i) ** 2 * 10 for i, depth in enumerate((2, 2, 5, 2)))
+    assert scan == 2 * expected
+
+
+@pytest.mark.parametrize("name", ["vim_test", "vmamba_test"])
+def test_trains_at_64(name):
+    model = create_backbone(name, num_classes=3, drop_path_rate=0.1).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])
+    loss = torch.nn.functional.cross_entropy(model.logits(x), y)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    opt.step()
+    assert torch.isfinite(torch.nn.functional.cross_entropy(model.logits(x), y))
+
+
+@pytest.mark.parametrize("name", ["vim_tiny", "vmamba_tiny"])
+def test_builds_and_runs_on_meta(name):
+    with torch.device("meta"):
+        model = create_backbone(name)
+        feats = model(torch.zeros(1, 3, 320, 256))
+    assert [tuple(f.shape[1:]) for f in feats] == [(c, 320 // s, 256 // s) for c, s in model.feature_info]
