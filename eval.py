@@ -9,6 +9,7 @@ recomposed exactly; overrides given here are applied on top.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra import compose
@@ -36,6 +37,8 @@ def evaluate(cfg: DictConfig, run_dir: str) -> dict:
     if state is not None:
         run.module.load_state_dict(state, strict=True)
     run.trainer.test(run.module, datamodule=run.datamodule)
+    if cfg.get("save_images"):
+        run.module.save_pictures(run.datamodule, Path(run_dir) / "pictures", int(cfg.save_images))
     return finish_run(run, stage="eval", checkpoint=cfg.get("ckpt_path"))
 
 

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from arena.battle import run_cell
 from arena.config import check_backbone_override, register_configs
 from arena.run import build_run, finish_run
 
@@ -33,7 +35,10 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
-    record = train(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+    if hc.mode == RunMode.MULTIRUN:  # a grid cell: skip if done, resume if interrupted, record failures
+        record = run_cell(cfg, hc.runtime.output_dir, list(hc.overrides.task), train)
+    else:
+        record = train(cfg, hc.runtime.output_dir, list(hc.overrides.task))
     metric = cfg.get("optimized_metric")
     return record["metrics"].get(metric) if metric else None
 

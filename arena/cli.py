@@ -8,8 +8,10 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
+from .bench import add_bench
 from .convert import add_convert
 from .erf import add_erf
+from .leaderboard import add_leaderboard
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -53,7 +55,8 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
 
 
 # Each entry adds one subcommand; modules that own a command contribute its adder here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_list, add_convert, add_erf]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_list, add_bench, add_leaderboard, add_convert,
+                                                                   add_erf]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,10 +32,9 @@ def convert(
     trust_pickle: bool = False,
     strict: bool = True,
 ) -> tuple[LoadReport, dict[str, str]]:
-    """Load ``source`` into ``backbone`` and write its state dict to ``out``; returns the load report and
-    the metadata written.
+    """Load ``source`` strictly into ``backbone`` and write ``model.state_dict()`` to ``out``.
 
-    ``trust_pickle`` unpickles arbitrary objects: only for files from a trusted origin, in a
+    Returns the load report and the metadata written. ``trust_pickle`` unpickles arbitrary objects: only for files from a trusted origin, in a
     trusted environment. Nothing is written when any step fails.
     """
     import torch
@@ -81,8 +80,8 @@ def convert(
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     report, metadata = convert(args.source, args.out, backbone=args.backbone, num_classes=args.num_classes,
-                       reparameterize=args.reparameterize, overwrite=args.overwrite,
-                       trust_pickle=args.trust_pickle, strict=not args.no_strict)
+                               reparameterize=args.reparameterize, overwrite=args.overwrite,
+                               trust_pickle=args.trust_pickle, strict=not args.no_strict)
     print(report.table())
     print(f"wrote {args.out} ({', '.join(f'{k}={v}' for k, v in metadata.items() if k != 'format')})")
     return 0

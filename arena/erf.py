@@ -162,11 +162,11 @@ def _cmd_erf(args: argparse.Namespace) -> int:
     ratios = area_ratios(erf)
     out = opts["out"] or f"erf_{opts['backbone'].replace('/', '_')}.png"
     title = (f"{opts['backbone']}  level {level} (stride {stride})  {len(images)} images @ {size}\n"
-             + "  ".join(f"{int(t * 100)}%: {r:.3f}" for t, r in ratios.items()) + "  (area ratio)")
+             + "  ".join(f"{int(t * 100)}%: {100 * r:.2f}%" for t, r in ratios.items()) + "  of the area")
     plot_erf(erf, out, title=title)
     print(f"{opts['backbone']}: ERF of level {level} (stride {stride}), {len(images)} images at {size}x{size}")
     for t, r in ratios.items():
-        print(f"  {int(t * 100):>3}% of the contribution within a centred square covering {r:.3f} of the image")
+        print(f"  {int(t * 100):>3}% of the contribution within a centred square covering {100 * r:.2f}% of the image")
     print(f"saved {out}")
     return 0
 

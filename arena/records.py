@@ -22,6 +22,7 @@ RECORD_NAME = "metrics.json"
 SCHEMA_VERSION = 1
 STATUSES = ("complete", "failed")
 REQUIRED_KEYS = ("schema_version", "status", "stage", "backbone", "family", "task", "mode", "dataset", "seed",
+                 "primary_metric",
                  "config_hash", "metrics", "params", "flops", "wall_time_s", "versions", "created")
 # keys that change where or how a run is launched but not what it computes
 _NOT_HASHED = {"data": ("num_workers",), "trainer": ("enable_progress_bar", "default_root_dir", "log_every_n_steps")}
@@ -69,7 +70,7 @@ def write_json_atomic(path: str | Path, data: dict[str, Any]) -> Path:
 
 def make_record(*, stage: str, status: str, cfg: DictConfig, family: str, metrics: dict[str, float],
                 params: int | None, flops: int | None, wall_time_s: float, run_dir: str | Path,
-                checkpoint: str | None = None, error: str | None = None, **extra: Any) -> dict[str, Any]:
+                primary_metric: str, checkpoint: str | None = None, error: str | None = None, **extra: Any) -> dict[str, Any]:
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
     task = cfg.task
@@ -85,6 +86,7 @@ def make_record(*, stage: str, status: str, cfg: DictConfig, family: str, metric
         "dataset": cfg.data.name,
         "seed": int(cfg.seed),
         "config_hash": config_hash(cfg),
+        "primary_metric": primary_metric,
         "metrics": {k: float(v) for k, v in metrics.items()},
         "params": params,
         "flops": flops,

@@ -79,7 +79,8 @@ def finish_run(run: Run, *, stage: str, checkpoint: str | None = None) -> dict[s
     params, flops = backbone_costs(run.backbone, run.datamodule.image_size)
     record = make_record(stage=stage, status="complete", cfg=run.cfg, family=run.backbone.family,
                          metrics=run.module.test_metrics(), params=params, flops=flops,
-                         wall_time_s=time.time() - run.started, run_dir=run.run_dir, checkpoint=checkpoint)
+                         wall_time_s=time.time() - run.started, run_dir=run.run_dir, checkpoint=checkpoint,
+                         primary_metric=run.module.primary_metric)
     write_record(run.run_dir, record)
     return record
 

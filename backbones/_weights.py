@@ -23,9 +23,11 @@ adaptations, not errors: a classifier whose class count differs from the model's
 model keeps its own, freshly initialized one, or none with ``num_classes=0``), and absolute
 position embeddings and relative-position tables are resized to the model's resolution.
 
-A checkpoint in a family's official key layout goes through that family's
-``checkpoint_filter_fn(state_dict, model)`` (timm's own filter for timm-backed models); one
-already in the model's layout (``arena convert`` output, Lightning checkpoints) is used as is.
+A checkpoint whose keys all exist in the model (``arena convert`` output, Lightning checkpoints,
+``model.state_dict()``) is used as is; any other goes through the family's
+``checkpoint_filter_fn(state_dict, model)`` (timm's own filter for timm-backed models), which maps
+the official key layout, train or deploy form, to the model's. A wrapper holding both plain and
+EMA weights gives the plain ones (``state_dict``/``model``), as official evaluations use them.
 
 >>> import tempfile, torch
 >>> from backbones import create_backbone
@@ -46,7 +48,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -234,20 +236,24 @@ def _hub_file(hub_id: str, filename: str | None) -> Path:
 
     repo, _, revision = hub_id.partition("@")
     names = (filename,) if filename else HUB_FILES
+    offline: LocalEntryNotFoundError | None = None
     for name in names:
         try:
             return Path(huggingface_hub.hf_hub_download(repo, name, revision=revision or None))
-        except LocalEntryNotFoundError as e:
-            raise FileNotFoundError(
-                f"{HUB_PREFIX}{hub_id}: {name} is not in the Hugging Face cache "
-                f"({huggingface_hub.constants.HF_HUB_CACHE}) and the hub cannot be reached ({e}). "
-                f"Where there is network, run `hf download {repo} {name}` and copy the cache here (or point "
-                f"HF_HUB_CACHE at it), or download https://huggingface.co/{repo}/resolve/main/{name} and pass its "
-                f"path: pretrained=/path/to/{name} (backbone.pretrained=/path/to/{name})"
-            ) from e
+        except LocalEntryNotFoundError as e:  # not cached and the hub unreachable: try the next name's cache
+            offline = offline or e
         except EntryNotFoundError:
             continue
-    raise FileNotFoundError(f"{HUB_PREFIX}{hub_id} has none of {', '.join(names)}")
+    if offline is None:
+        raise FileNotFoundError(f"{HUB_PREFIX}{hub_id} has none of {', '.join(names)}")
+    name = names[0]
+    raise FileNotFoundError(
+        f"{HUB_PREFIX}{hub_id}: {name} is not in the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}) "
+        f"and the hub cannot be reached ({offline}). Where there is network, run `hf download {repo} {name}` and "
+        f"copy the cache here (or point HF_HUB_CACHE at it), or download "
+        f"https://huggingface.co/{repo}/resolve/{revision or 'main'}/{name} and pass its path: "
+        f"pretrained=/path/to/{name} (backbone.pretrained=/path/to/{name})"
+    ) from offline
 
 
 # --- reading files -------------------------------------------------------------------------------------
@@ -329,7 +335,8 @@ def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, *, strict: bool = 
     state_dict = _backbone_part(checkpoint.state_dict, target.state_dict().keys(), prefix, report)
     if (checkpoint.metadata.get("form") == "deploy" and hasattr(model, "reparameterize")
             and state_dict.keys() != target.state_dict().keys()):
-        model.reparameterize()
+        with torch.no_grad():
+            model.reparameterize()
         report.reparameterized = True
     expected = target.state_dict()
     raw_shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
@@ -360,7 +367,7 @@ def _target(model: nn.Module) -> tuple[nn.Module, str, Callable[[StateDict, nn.M
     return inner, prefix, getattr(sys.modules[type(inner).__module__], "checkpoint_filter_fn", None)
 
 
-def _backbone_part(state_dict: StateDict, expected: Any, prefix: str, report: LoadReport) -> StateDict:
+def _backbone_part(state_dict: StateDict, expected: Collection[str], prefix: str, report: LoadReport) -> StateDict:
     """Keep the ``backbone.``/``inner.`` part of a task or pyramid checkpoint and drop ``model``'s own prefix."""
     for part in BACKBONE_PREFIXES:
         if any(k.startswith(part) for k in state_dict) and not any(k.startswith(part) for k in expected):
@@ -405,7 +412,7 @@ def _match_classifier(model: nn.Module, target: nn.Module, state_dict: StateDict
     classes = _num_classes(raw_shapes, raw_keys)
     if not model_keys:
         report.classifier = f"dropped ({classes} classes; the model was built with num_classes=0)"
-    elif all(k in expected and state_dict[k].shape == expected[k].shape for k in ckpt_keys) and ckpt_keys:
+    elif ckpt_keys and all(k in expected and state_dict[k].shape == expected[k].shape for k in ckpt_keys):
         report.classifier = f"loaded ({classes} classes)"
         return state_dict, set()
     else:

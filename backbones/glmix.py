@@ -111,7 +111,8 @@ class GLMixBlock(nn.Module):
         out = logits.transpose(1, 2).softmax(-1) @ slots  # soft dispatching: [B, HW, C]
         return out.transpose(1, 2).reshape_as(x) + self.feature_conv(x), logits
 
-    def forward(self, x: torch.Tensor, *, return_assignment: bool = False):
+    def forward(self, x: torch.Tensor, *, return_assignment: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         seeds = F.adaptive_avg_pool2d(x, self.pool_size).flatten(2).transpose(1, 2)
         x = x + self.pos_conv(x)
         mixed, logits = self._mix(self.norm1(x), seeds)
@@ -268,6 +269,18 @@ class GLNet(Backbone):
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if n.endswith("slot_scale")}
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Layer-wise decay groups: the stem, then each block (each stage when ``coarse``), the
+        downsampling convs with the stage they open, the final norm last."""
+        return {
+            "stem": r"^downsample_layers\.0\.",
+            "blocks": r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^downsample_layers\.(\d+)", (0,)),
+                (r"^norm\.", (99999,)),
+            ],
+        }
+
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: GLNet) -> dict[str, torch.Tensor]:
     """The official keys are this model's keys; only the classifier is dropped when not built."""
@@ -277,6 +290,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: GLNet) -> d
 
 
 # Official ImageNet-1k checkpoints (rayleizhu/GLMix README / models/glnet.py); glnet_16g's is the EMA.
+# Stochastic depth defaults are the official training recipe's (0.15 / 0.3 / 0.4).
 _URLS = {
     "glnet_4g": "https://api.onedrive.com/v1.0/shares/u!aHR0cHM6Ly8xZHJ2Lm1zL3UvcyFBa0JiY3pkUmxadkN5RzlEalNfQU1xbkpRaVgxP2U9dE9raEhQ/root/content",  # noqa: E501
     "glnet_9g": "https://api.onedrive.com/v1.0/shares/u!aHR0cHM6Ly8xZHJ2Lm1zL3UvcyFBa0JiY3pkUmxadkN5RUdGUTZrZldWLXdWWmVpP2U9d1d3Ujh6/root/content",  # noqa: E501
@@ -298,15 +312,17 @@ def glnet_test(**kw: Any) -> GLNet:
 
 @register_backbone(family="hybrid")
 def glnet_4g(**kw: Any) -> GLNet:
-    return _create_glnet("glnet_4g", **{"depths": (4, 4, 18, 4), "dims": (64, 128, 256, 512), **kw})
+    return _create_glnet("glnet_4g", **{
+        "depths": (4, 4, 18, 4), "dims": (64, 128, 256, 512), "drop_path_rate": 0.15, **kw})
 
 
 @register_backbone(family="hybrid")
 def glnet_9g(**kw: Any) -> GLNet:
-    return _create_glnet("glnet_9g", **{"depths": (4, 4, 18, 4), "dims": (96, 192, 384, 768), **kw})
+    return _create_glnet("glnet_9g", **{
+        "depths": (4, 4, 18, 4), "dims": (96, 192, 384, 768), "drop_path_rate": 0.3, **kw})
 
 
 @register_backbone(family="hybrid")
 def glnet_16g(**kw: Any) -> GLNet:
     return _create_glnet("glnet_16g", **{
-        "depths": (4, 4, 18, 4), "dims": (128, 256, 512, 1024), "layerscale": 1e-4, **kw})
+        "depths": (4, 4, 18, 4), "dims": (128, 256, 512, 1024), "layerscale": 1e-4, "drop_path_rate": 0.4, **kw})

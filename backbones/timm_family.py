@@ -6,7 +6,7 @@ and its default pretrained tag (or the one pinned with ``tag=``) is recorded in
 to ``timm/<architecture>.<tag>``. ``tag`` is ``None`` where timm has no weights for the
 architecture (the paper-exact CoAtNets; use the ``coatnet_*_rw`` variants for weights).
 ``*_test`` entries are real instances of the same classes with small widths and depths, for
-fast tests.
+fast tests; those whose shapes differ from their architecture's advertise no weights.
 
 Families: multi-axis attention (MaxViT), hybrids (Next-ViT, CoAtNet, FastViT), and the
 baselines (ConvNeXt, Swin, ResNet-50, DeiT/ViT) plus MambaOut, the state-space control without
@@ -24,6 +24,10 @@ from ._features import Backbone, TimmBackbone
 from ._registry import register_backbone
 
 
+# For test variants whose widths/depths differ from the architecture's: no weights fit them.
+_NO_WEIGHTS = {"pretrained_cfg_overlay": {"hf_hub_id": None, "url": None, "tag": None}}
+
+
 def _record_source(backbone: TimmBackbone, arch: str, tag: str | None) -> TimmBackbone:
     """Store the timm architecture and pretrained tag (with its hub id / URL) in ``pretrained_cfg``."""
     src = dict(getattr(backbone.model, "pretrained_cfg", None) or {})
@@ -37,9 +41,10 @@ def _record_source(backbone: TimmBackbone, arch: str, tag: str | None) -> TimmBa
     return backbone
 
 
-def _timm(arch: str, family: str, *, tag: str | None = None, **kwargs: Any) -> Backbone:
+def _timm(arch: str, family: str, *, tag: str | None = None, cls: type[TimmBackbone] = TimmBackbone,
+          **kwargs: Any) -> Backbone:
     name = f"{arch}.{tag}" if tag else arch
-    return _record_source(TimmBackbone(name, family=family, **kwargs), arch, tag)
+    return _record_source(cls(name, family=family, **kwargs), arch, tag)
 
 
 class FastViTBackbone(TimmBackbone):
@@ -54,10 +59,6 @@ class FastViTBackbone(TimmBackbone):
         from timm.utils.model import reparameterize_model
 
         reparameterize_model(self.model, inplace=True)
-
-
-def _fastvit(arch: str, **kwargs: Any) -> Backbone:
-    return _record_source(FastViTBackbone(arch, family="hybrid", **kwargs), arch, None)
 
 
 # --- baseline: ConvNeXt -------------------------------------------------------------------------
@@ -90,7 +91,7 @@ def convnext_base(**kw: Any) -> Backbone:
 @register_backbone(family="baseline", tiny=True)
 def swin_test(**kw: Any) -> Backbone:
     return _timm("swin_tiny_patch4_window7_224", "baseline", **{
-        "img_size": 64, "embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8), **kw})
+        "img_size": 64, "embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8), **_NO_WEIGHTS, **kw})
 
 
 @register_backbone(family="baseline")
@@ -166,7 +167,7 @@ def maxvit_base(**kw: Any) -> Backbone:
 def nextvit_test(**kw: Any) -> Backbone:
     # Next-ViT's stage widths are fixed inside timm's NextViT; depths (1, 1, 5, 1) is its smallest
     # valid layout (stage 3 repeats 4 conv blocks + 1 transformer block).
-    return _timm("nextvit_small", "hybrid", **{"depths": (1, 1, 5, 1), "stem_chs": (16, 8, 16), **kw})
+    return _timm("nextvit_small", "hybrid", **{"depths": (1, 1, 5, 1), "stem_chs": (16, 8, 16), **_NO_WEIGHTS, **kw})
 
 
 @register_backbone(family="hybrid")
@@ -223,27 +224,28 @@ def coatnet_2_rw(**kw: Any) -> Backbone:
 # --- hybrid: FastViT (call .reparameterize() before timing inference) ------------------------------
 @register_backbone(family="hybrid", tiny=True)
 def fastvit_test(**kw: Any) -> Backbone:
-    return _fastvit("fastvit_sa12", **{"layers": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 128), **kw})
+    return _timm("fastvit_sa12", "hybrid", cls=FastViTBackbone, **{
+        "layers": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 128), **_NO_WEIGHTS, **kw})
 
 
 @register_backbone(family="hybrid")
 def fastvit_t8(**kw: Any) -> Backbone:
-    return _fastvit("fastvit_t8", **kw)
+    return _timm("fastvit_t8", "hybrid", cls=FastViTBackbone, **kw)
 
 
 @register_backbone(family="hybrid")
 def fastvit_sa12(**kw: Any) -> Backbone:
-    return _fastvit("fastvit_sa12", **kw)
+    return _timm("fastvit_sa12", "hybrid", cls=FastViTBackbone, **kw)
 
 
 @register_backbone(family="hybrid")
 def fastvit_sa36(**kw: Any) -> Backbone:
-    return _fastvit("fastvit_sa36", **kw)
+    return _timm("fastvit_sa36", "hybrid", cls=FastViTBackbone, **kw)
 
 
 @register_backbone(family="hybrid")
 def fastvit_ma36(**kw: Any) -> Backbone:
-    return _fastvit("fastvit_ma36", **kw)
+    return _timm("fastvit_ma36", "hybrid", cls=FastViTBackbone, **kw)
 
 
 # --- state-space control without an SSM: MambaOut -------------------------------------------------

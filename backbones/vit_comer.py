@@ -374,6 +374,11 @@ class ViTCoMer(Backbone):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "level_embed"}
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Layer-wise decay groups as in the official recipe: the patch embedding first, one group per
+        ViT block, and everything CoMer-specific (unmatched) in the last group at the full rate."""
+        return {"stem": r"^(?:patch_embed|pos_embed)", "blocks": r"^blocks\.(\d+)"}
+
 
 _PLAIN_VIT_ONLY = re.compile(r"^(cls_token|dist_token|norm\.|fc_norm\.|head_dist\.|pre_logits\.)")
 

@@ -157,6 +157,8 @@ class Stem(nn.Module):
 
 
 class Stage(nn.Module):
+    """A stage's blocks and the downsampling after them (applied by ``VMamba.forward_levels``)."""
+
     def __init__(self, dim: int, out_dim: int | None, *, depth: int, drop_path: Sequence[float],
                  **block_args: Any) -> None:
         super().__init__()
@@ -167,14 +169,15 @@ class Stage(nn.Module):
 class VMamba(Backbone):
     """VMamba (v2): stem, four stages of VSS blocks at strides 4-32, classifier norm (+ head).
 
-    ``dims`` is the first stage's width (doubled at every stage) or the four widths.
+    ``dims`` is the first stage's width (doubled at every stage) or the four widths. Any input
+    size divisible by 32 works; ``img_size`` only sets the size in ``pretrained_cfg``.
     """
 
     family = "state-space"
 
     def __init__(self, *, depths: Sequence[int] = (2, 2, 5, 2), dims: int | Sequence[int] = 96, d_state: int = 1,
                  ssm_ratio: float = 2.0, mlp_ratio: float = 4.0, in_chans: int = 3, num_classes: int = 0,
-                 drop_path_rate: float = 0.0, out_indices: Sequence[int] | None = None) -> None:
+                 drop_path_rate: float = 0.0, img_size: int = 224, out_indices: Sequence[int] | None = None) -> None:
         super().__init__()
         dims = [dims * 2 ** i for i in range(len(depths))] if isinstance(dims, int) else list(dims)
         if len(dims) != len(depths):
@@ -195,7 +198,7 @@ class VMamba(Backbone):
         self.all_feature_info = FeatureInfo(tuple(dims), tuple(4 * 2 ** i for i in range(len(dims))), dims[-1])
         self.set_out_indices(out_indices)
         self.input_multiple = 4 * 2 ** (len(dims) - 1)
-        self.pretrained_cfg = pretrained_cfg_for(224, classifier="classifier.head")
+        self.pretrained_cfg = pretrained_cfg_for(img_size, classifier="classifier.head")
         self.apply(self._init_weights)
 
     @staticmethod

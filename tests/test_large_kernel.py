@@ -87,8 +87,8 @@ def test_depthwise_dilation_and_errors() -> None:
 
 
 def test_default_strategy_follows_the_cpu_measurements() -> None:
-    assert [default_strategy(k, "cpu") for k in (3, 7, 13)] == ["plain"] * 3
-    assert [default_strategy(k, "cpu") for k in (17, 27, 31)] == ["channels_last"] * 3
+    assert [default_strategy(k, "cpu") for k in (9, 11, 13)] == ["plain"] * 3
+    assert [default_strategy(k, "cpu") for k in (3, 5, 7, 15, 27, 31)] == ["channels_last"] * 6
     assert default_strategy(31, "cuda") == default_strategy(31, "meta") == "plain"
 
 
@@ -172,7 +172,8 @@ def official_unireplknet_layout(depths, dims, kernel_sizes, *, deploy: bool, num
          "downsample_layers.0.3.weight": (d0, d0 // 2, 3, 3), "downsample_layers.0.3.bias": (d0,),
          "downsample_layers.0.4.weight": (d0,), "downsample_layers.0.4.bias": (d0,)}
     for i in range(1, 4):
-        s |= {f"downsample_layers.{i}.0.weight": (dims[i], dims[i - 1], 3, 3), f"downsample_layers.{i}.0.bias": (dims[i],),
+        s |= {f"downsample_layers.{i}.0.weight": (dims[i], dims[i - 1], 3, 3),
+              f"downsample_layers.{i}.0.bias": (dims[i],),
               f"downsample_layers.{i}.1.weight": (dims[i],), f"downsample_layers.{i}.1.bias": (dims[i],)}
     for i, (depth, d) in enumerate(zip(depths, dims)):
         for j in range(depth):
@@ -222,7 +223,8 @@ def official_replknet_layout(kernels, layers, channels, *, deploy: bool, num_cla
                       f"{p}.large_kernel.small_conv.conv.weight": (c, 1, 5, 5)}
                 s |= bn_keys(f"{p}.large_kernel.lkb_origin.bn", c) | bn_keys(f"{p}.large_kernel.small_conv.bn", c)
             s |= {f"{p}.pw2.conv.weight": (c, c, 1, 1)} | bn_keys(f"{p}.pw2.bn", c)
-            s |= bn_keys(f"{q}.preffn_bn", c) | {f"{q}.pw1.conv.weight": (4 * c, c, 1, 1)} | bn_keys(f"{q}.pw1.bn", 4 * c)
+            s |= bn_keys(f"{q}.preffn_bn", c) | bn_keys(f"{q}.pw1.bn", 4 * c)
+            s |= {f"{q}.pw1.conv.weight": (4 * c, c, 1, 1)}
             s |= {f"{q}.pw2.conv.weight": (c, 4 * c, 1, 1)} | bn_keys(f"{q}.pw2.bn", c)
         if i < 3:
             nxt = channels[i + 1]

@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -35,8 +35,9 @@ def _meta(name: str) -> Backbone:
         return create_backbone(name)
 
 
-NATIVE_TINY = [n for n in list_backbones("*_test") if not isinstance(_meta(n), TimmBackbone)]
-REPARAM_TINY = [n for n in list_backbones("*_test") if hasattr(_meta(n), "reparameterize")]
+_TINY = {n: _meta(n) for n in list_backbones("*_test")}
+NATIVE_TINY = [n for n, m in _TINY.items() if not isinstance(m, TimmBackbone)]
+REPARAM_TINY = [n for n, m in _TINY.items() if hasattr(m, "reparameterize")]
 
 
 # --- a native-style family: official keys differ from ours, with a train and a deploy form ----------------
@@ -122,7 +123,6 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> pathlib.
     def no_hub(repo_id: str, filename: str, **kwargs: Any) -> str:
         raise LocalEntryNotFoundError("offline mode is enabled and the file is not in the cache")
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_url)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
@@ -148,6 +148,16 @@ def assert_same(a: list[torch.Tensor], b: list[torch.Tensor], atol: float = 0.0)
         torch.testing.assert_close(x, y, atol=atol, rtol=0 if atol == 0 else 1e-4)
 
 
+def assert_same_weights(model: nn.Module, reference: nn.Module, skip: str | None = None) -> None:
+    """``model`` holds exactly ``reference``'s tensors (except those under the prefix ``skip``)."""
+    got, want = model.state_dict(), reference.state_dict()
+    if skip is None:
+        assert got.keys() == want.keys()
+    for k, v in want.items():
+        if skip is None or not k.startswith(skip):
+            assert torch.equal(got[k], v), k
+
+
 def no_files_but(folder: pathlib.Path, *names: str) -> None:
     assert sorted(p.name for p in folder.iterdir()) == sorted(names)
 
@@ -158,6 +168,7 @@ WRAPPERS = {
     "state_dict": lambda sd: {"state_dict": sd, "epoch": 3},
     "model": lambda sd: {"model": sd, "optimizer": {"lr": 0.1}, "args": argparse.Namespace(lr=0.1)},
     "model_ema": lambda sd: {"model_ema": sd, "epoch": 3},
+    "model_and_ema": lambda sd: {"model": sd, "model_ema": {k: torch.zeros_like(v) for k, v in sd.items()}},
     "module": lambda sd: {"module": sd},
     "ddp_prefix": lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
 }
@@ -168,8 +179,7 @@ def test_pickled_checkpoint_in_every_wrapper_loads(tmp_path: pathlib.Path, wrapp
     src = create_backbone("convnext_test")
     path = tmp_path / f"weights{suffix}"
     torch.save(WRAPPERS[wrapper](src.model.state_dict()), path)  # timm's official layout
-    model = create_backbone("convnext_test", pretrained=str(path))
-    assert_same(outputs(model), outputs(src))
+    assert_same_weights(create_backbone("convnext_test", pretrained=str(path)), src)
 
 
 def test_safetensors_file_loads(tmp_path: pathlib.Path) -> None:
@@ -177,7 +187,7 @@ def test_safetensors_file_loads(tmp_path: pathlib.Path) -> None:
     save_file(src.model.state_dict(), tmp_path / "w.safetensors")
     report = load_pretrained(model := create_backbone("convnext_test"), tmp_path / "w.safetensors")
     assert report.ok and report.loaded == report.total == len(model.state_dict())
-    assert_same(outputs(model), outputs(src))
+    assert_same_weights(model, src)
 
 
 @pytest.mark.parametrize("name", TIMM_TINY)
@@ -211,9 +221,7 @@ def test_lightning_checkpoint_transfers_the_backbone(tmp_path: pathlib.Path) -> 
     assert report.ok and report.loaded == report.total
     assert report.ignored == ["head.fc.weight", "head.fc.bias"]
     assert "head.* (2 tensors)" in report.table()
-    assert_same(outputs(detector_backbone)[-1:], outputs(classifier)[-1:])
-    for a, b in zip(detector_backbone.state_dict().values(), classifier.state_dict().values()):
-        assert torch.equal(a, b)
+    assert_same_weights(detector_backbone, classifier)
 
 
 def test_lightning_checkpoint_of_a_pyramid_transfers_the_inner_model(tmp_path: pathlib.Path) -> None:
@@ -222,7 +230,7 @@ def test_lightning_checkpoint_of_a_pyramid_transfers_the_inner_model(tmp_path: p
     state["head.cls.weight"] = torch.zeros(3, 64)
     torch.save({"pytorch-lightning_version": "2.6.0", "state_dict": state}, tmp_path / "seg.ckpt")
     model = create_backbone("timm/test_vit", img_size=64, pretrained=str(tmp_path / "seg.ckpt"))
-    assert_same(outputs(model), outputs(dense.inner))
+    assert_same_weights(model, dense.inner)
 
 
 # --- native families ------------------------------------------------------------------------------------------
@@ -231,12 +239,12 @@ def test_native_filter_maps_the_official_layout_and_drops_the_classifier(tmp_pat
     torch.save({"model": official(release)}, tmp_path / "release.pth")
     same = TinyNative(num_classes=1000)
     assert load_pretrained(same, tmp_path / "release.pth").classifier == "loaded (1000 classes)"
-    assert_same(outputs(same), outputs(release))
+    assert_same_weights(same, release)
 
     backbone = TinyNative()
     report = load_pretrained(backbone, tmp_path / "release.pth")
     assert report.ok and report.classifier.startswith("dropped (1000 classes")
-    assert_same(outputs(backbone)[:-1], outputs(release)[:-1])
+    assert_same_weights(backbone, release, skip="head.")
 
 
 @pytest.mark.parametrize("name", NATIVE_TINY)
@@ -250,8 +258,11 @@ def test_native_family_round_trips_through_convert(tmp_path: pathlib.Path, name:
 
     report, meta = convert(tmp_path / "release.pth", tmp_path / "out.safetensors", backbone=name, num_classes=10)
     assert report.ok and meta["form"] == "train" and meta["backbone"] == name
-    converted = create_backbone(name, num_classes=10, pretrained=str(tmp_path / "out.safetensors"))
-    assert_same(outputs(converted), outputs(release))
+    converted = create_backbone(name, num_classes=10, pretrained=str(tmp_path / "out.safetensors")).eval()
+    assert_same_weights(converted, release)
+    x = torch.randn(1, 3, release.fixed_input_size or 64, release.fixed_input_size or 64)
+    with torch.no_grad():
+        assert torch.equal(converted.logits(x), release.eval().logits(x))
 
 
 @pytest.mark.parametrize("name", REPARAM_TINY)
@@ -292,7 +303,7 @@ def test_classifier_is_reinitialized_for_another_class_count(tmp_path: pathlib.P
     report = load_pretrained(model, tmp_path / "in1k.pth")
     assert report.ok and report.classifier == "re-initialized (checkpoint has 1000 classes, the model 10)"
     assert torch.equal(model.get_classifier().weight, fresh)
-    assert_same(outputs(model)[:-1], outputs(src)[:-1])
+    assert_same_weights(model, src, skip="model.head.fc.")
 
 
 def test_classifier_missing_from_the_checkpoint_is_refused(tmp_path: pathlib.Path) -> None:
@@ -410,8 +421,7 @@ def test_trusted_pickle_with_foreign_objects_converts(tmp_path: pathlib.Path) ->
         load_pretrained(create_backbone("convnext_test"), tmp_path / "t.pth")
     assert arena_main(["convert", str(tmp_path / "t.pth"), str(tmp_path / "t.safetensors"),
                        "--backbone", "convnext_test", "--trust-pickle"]) == 0
-    model = create_backbone("convnext_test", pretrained=str(tmp_path / "t.safetensors"))
-    assert_same(outputs(model), outputs(src))
+    assert_same_weights(create_backbone("convnext_test", pretrained=str(tmp_path / "t.safetensors")), src)
 
 
 def _truncate(path: pathlib.Path) -> None:
@@ -478,7 +488,24 @@ def test_default_release_url_offline_names_the_cache_path(offline: pathlib.Path)
     model = TinyNative()
     report = load_pretrained(model, "true")
     assert report.ok and report.source == f"https://example.org/releases/tiny_native_in1k.pth (default) ({cached})"
-    assert_same(outputs(model), outputs(release))
+    assert_same_weights(model, release)
+
+
+def test_hub_repo_without_safetensors_gives_its_bin_file(tmp_path: pathlib.Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    src = create_backbone("convnext_test")
+    torch.save(src.model.state_dict(), tmp_path / "pytorch_model.bin")
+
+    def hub(repo_id: str, filename: str, revision: str | None = None) -> str:
+        assert (repo_id, revision) == ("org/repo", "v1")
+        if filename == "model.safetensors":
+            raise EntryNotFoundError(f"404: {filename}")
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    report = load_pretrained(model := create_backbone("convnext_test"), "hf-hub:org/repo@v1")
+    assert report.source == f"hf-hub:org/repo@v1 ({tmp_path / 'pytorch_model.bin'})"
+    assert_same_weights(model, src)
 
 
 def test_model_without_registered_weights() -> None:
@@ -520,3 +547,20 @@ def test_read_checkpoint_exposes_safetensors_metadata(tmp_path: pathlib.Path) ->
     save_file({"a": torch.ones(2)}, tmp_path / "a.safetensors", metadata={"form": "deploy"})
     ckpt = read_checkpoint(tmp_path / "a.safetensors")
     assert ckpt.metadata == {"form": "deploy"} and torch.equal(ckpt.state_dict["a"], torch.ones(2))
+
+
+def test_hydra_overrides_reach_the_loader(tmp_path: pathlib.Path, make_cfg: Any) -> None:
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    src = create_backbone("convnext_test")
+    state = src.model.state_dict()
+    del state["stages.3.blocks.0.mlp.fc2.weight"]
+    torch.save(state, tmp_path / "partial.pth")
+    overrides = ("backbone=convnext_test", f"backbone.pretrained={tmp_path / 'partial.pth'}")
+    with pytest.raises(InstantiationException, match="backbone.pretrained_strict=false"):
+        instantiate(make_cfg(*overrides).backbone)
+    model = instantiate(make_cfg(*overrides, "++backbone.pretrained_strict=false").backbone)
+    assert_same_weights(model, src, skip="model.stages.3.blocks.0.mlp.fc2.")
+    for source in ("timm:convnext_tiny.fb_in22k", "hf-hub:timm/convnext_tiny.fb_in22k@main"):  # unquoted values
+        assert make_cfg(f"backbone.pretrained={source}").backbone.pretrained == source

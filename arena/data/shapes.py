@@ -37,7 +37,7 @@ class Scene:
     boxes: np.ndarray  # Nx4 float32 xyxy of visible parts
     labels: np.ndarray  # N int64, 0..K-1
     masks: np.ndarray  # NxHxW bool, visible parts
-    semantic: np.ndarray  # HxW int64, 0 background, k+1 for class k
+    semantic: np.ndarray  # HxW uint8, 0 background, k+1 for class k
 
 
 def _inside(cls: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
@@ -107,17 +107,21 @@ def render_scene(rng: np.random.Generator, *, size: int = 64, max_distractors: i
         boxes=boxes,
         labels=classes[keep].astype(np.int64),
         masks=np.stack(masks) if masks else np.zeros((0, size, size), bool),
-        semantic=semantic.astype(np.int64),
+        semantic=semantic.astype(np.uint8),
     )
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """``length`` scenes of one split; ``view`` picks the label format of a task."""
+    """``length`` scenes of one split; ``view`` picks the label format of a task.
+
+    Rendered scenes are kept in memory (``cache=True``): every epoch after the first costs
+    no rendering.
+    """
 
     VIEWS = ("classification", "detection", "segmentation")
 
     def __init__(self, *, split: str, length: int, image_size: int, view: str, seed: int = 0,
-                 mean: tuple[float, ...], std: tuple[float, ...], hflip: bool = False) -> None:
+                 mean: tuple[float, ...], std: tuple[float, ...], hflip: bool = False, cache: bool = True) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
         if view not in self.VIEWS:
@@ -126,19 +130,27 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"shapes needs image_size >= 32, got {image_size}")
         self.split, self.length, self.size, self.view = split, length, image_size, view
         self.seed, self.mean, self.std, self.hflip = seed, mean, std, hflip
+        self.cache: dict[int, Scene] | None = {} if cache else None
 
     def __len__(self) -> int:
         return self.length
 
     def scene(self, index: int) -> Scene:
-        return render_scene(np.random.default_rng((self.seed, SPLITS[self.split], index)), size=self.size)
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        s = render_scene(np.random.default_rng((self.seed, SPLITS[self.split], index)), size=self.size)
+        if self.cache is not None:
+            self.cache[index] = s
+        return s
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         if not 0 <= index < self.length:
             raise IndexError(index)
         s = self.scene(index)
-        image = normalize(torch.from_numpy(s.image).permute(2, 0, 1), self.mean, self.std)
-        semantic = torch.from_numpy(s.semantic)
+        raw = torch.from_numpy(s.image).permute(2, 0, 1)
+        # torchvision's detectors normalise inside (GeneralizedRCNNTransform): detection takes [0, 1] images
+        image = raw.float() / 255.0 if self.view == "detection" else normalize(raw, self.mean, self.std)
+        semantic = torch.from_numpy(s.semantic).long()
         boxes, masks = torch.from_numpy(s.boxes), torch.from_numpy(s.masks)
         flip = self.hflip and np.random.default_rng((self.seed, 99, index)).random() < 0.5
         if flip:

@@ -13,19 +13,21 @@ import lightning as L
 import torch
 from torch import nn
 
-from backbones import Backbone
+from backbones import Backbone, SimpleFeaturePyramid
 
-MODES = ("fine_tune", "linear_probe")
+MODES = ("fine_tune", "linear_probe", "frozen")
 
 
 class TaskModule(L.LightningModule):
     """Base LightningModule: subclasses build ``self.head`` and implement the steps and metrics.
 
-    ``mode="linear_probe"`` freezes the backbone (no gradients, BatchNorm statistics frozen
-    because the backbone stays in eval mode); ``fine_tune`` trains everything.
+    ``mode="linear_probe"`` (classification) or ``"frozen"`` (dense tasks) freezes the backbone:
+    no gradients, and BatchNorm statistics frozen because it stays in eval mode. A simple
+    pyramid added for a dense head stays trainable. ``fine_tune`` trains everything.
     """
 
     name: str = "task"
+    primary_metric: str = ""  # the test metric leaderboards rank by
     arena_config: dict[str, Any] | None = None  # the run's resolved config, saved in checkpoints
     arena_overrides: list[str] | None = None  # its command-line overrides, so eval.py can recompose it
 
@@ -41,27 +43,26 @@ class TaskModule(L.LightningModule):
             raise ValueError(f"layer_decay must be in (0, 1] or null, got {layer_decay}")
         self.backbone = backbone
         self.mode = mode
+        self.frozen_part = backbone.inner if isinstance(backbone, SimpleFeaturePyramid) else backbone
         self.opt_cfg = dict(optimizer=optimizer, lr=lr, weight_decay=weight_decay, layer_decay=layer_decay,
                             warmup_epochs=warmup_epochs, min_lr=min_lr, backbone_lr_scale=backbone_lr_scale)
         if self.frozen:
-            self.backbone.requires_grad_(False)
-            self.backbone.eval()
+            self.frozen_part.requires_grad_(False)
+            self.frozen_part.eval()
 
     @property
     def frozen(self) -> bool:
-        return self.mode == "linear_probe"
+        return self.mode != "fine_tune"
 
     def train(self, mode: bool = True) -> "TaskModule":
         super().train(mode)
         if self.frozen:
-            self.backbone.eval()
+            self.frozen_part.eval()
         return self
 
     def _backbone_groups(self) -> list[dict[str, Any]]:
         from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
-        if self.frozen:
-            return []
         wd, ld = self.opt_cfg["weight_decay"], self.opt_cfg["layer_decay"]
         nwd = getattr(self.backbone, "no_weight_decay", lambda: set())()
         if ld is not None:
@@ -71,6 +72,7 @@ class TaskModule(L.LightningModule):
             groups = param_groups_layer_decay(self.backbone, weight_decay=wd, no_weight_decay_list=nwd, layer_decay=ld)
         else:
             groups = param_groups_weight_decay(self.backbone, weight_decay=wd, no_weight_decay_list=nwd)
+        groups = [g for g in groups if g["params"]]
         for g in groups:
             g["lr_scale"] = g.get("lr_scale", 1.0) * self.opt_cfg["backbone_lr_scale"]
         return groups
@@ -97,6 +99,10 @@ class TaskModule(L.LightningModule):
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any = None) -> None:
         scheduler.step_update(num_updates=self.global_step)
+
+    def save_pictures(self, datamodule: Any, out_dir: Any, num: int) -> list[Any]:
+        """Draw ``num`` test images with predictions and truth into ``out_dir`` (dense tasks)."""
+        raise ValueError(f"task {self.name!r} draws no pictures; save_images works for detection and segmentation")
 
     def test_metrics(self) -> dict[str, float]:
         """The task's test metrics for the run record, read from what ``test`` logged."""

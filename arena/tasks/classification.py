@@ -21,6 +21,7 @@ class ClassificationTask(TaskModule):
     """
 
     name = "classification"
+    primary_metric = "acc1"
 
     def __init__(self, *, backbone: Backbone, num_classes: int, label_smoothing: float = 0.0, dropout: float = 0.0,
                  use_backbone_classifier: bool = False, **kwargs: Any) -> None:

@@ -1,11 +1,14 @@
 """Depthwise 'same' convolution with large kernels, dispatched to the fastest strategy.
 
 On CPU, PyTorch's NCHW depthwise convolution leaves its fast path for kernels above 13x13
-(a 17x17 kernel is 10-50x slower than 13x13 there), while the channels-last path stays
-fast at every size; channels-last is slower than NCHW at 13x13, and FFT convolution loses
-to both at backbone resolutions (<= 56x56). ``benchmarks/large_kernel_conv.py`` measures the
-strategies side by side; ``default_strategy`` encodes its result. Other devices use plain
-``F.conv2d`` (cuDNN picks its own algorithm).
+(a 15x15 kernel is 10-50x slower than 13x13 there), while the channels-last path stays fast at
+every size. Channels-last also wins for kernels up to 7x7, but loses to NCHW for 9x9 to 13x13;
+FFT convolution loses to both at backbone resolutions (<= 56x56).
+``benchmarks/large_kernel_conv.py`` measures the strategies side by side; ``default_strategy``
+encodes its result. Other devices use plain ``F.conv2d`` (cuDNN picks its own algorithm).
+
+The second half of the module is the algebra of structural reparameterization (BatchNorm
+folding, dilated and small kernels merged into a large one), shared by the large-kernel families.
 
 >>> x, w = torch.randn(1, 4, 14, 14), torch.randn(4, 1, 31, 31)
 >>> y = depthwise_conv2d(x, w)
@@ -19,13 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 STRATEGIES = ("plain", "channels_last", "fft")
-# The largest kernel for which NCHW depthwise convolution is the fastest on CPU.
-CPU_NCHW_MAX_KERNEL = 13
+# Kernel sizes for which NCHW depthwise convolution is the fastest on CPU (channels-last elsewhere).
+CPU_NCHW_KERNELS = (9, 11, 13)
 
 
 def default_strategy(kernel_size: int, device_type: str) -> str:
     """The fastest measured strategy for a ``kernel_size`` depthwise conv on ``device_type``."""
-    if device_type == "cpu" and kernel_size > CPU_NCHW_MAX_KERNEL:
+    if device_type == "cpu" and kernel_size not in CPU_NCHW_KERNELS:
         return "channels_last"
     return "plain"
 
@@ -120,5 +123,5 @@ def center_pad(kernel: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(kernel, [pad] * 4)
 
 
-__all__ = ["STRATEGIES", "CPU_NCHW_MAX_KERNEL", "default_strategy", "depthwise_conv2d", "DepthwiseConv2d",
+__all__ = ["STRATEGIES", "CPU_NCHW_KERNELS", "default_strategy", "depthwise_conv2d", "DepthwiseConv2d",
            "pop_bn", "pop_conv_bn", "dilate_kernel", "center_pad"]

@@ -34,6 +34,7 @@ True
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,96 +94,88 @@ def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
 def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                        z: Tensor | None = None, delta_bias: Tensor | None = None,
                        delta_softplus: bool = False) -> Tensor:
-    """The scan one token at a time: the reference the fast scan is tested against."""
+    """The scan one token at a time, structured as ``mamba_ssm``'s pure-PyTorch reference.
+
+    The discretized decay and input are built for every token first ([b, d, l, n] each), then a
+    Python loop advances the state and reads it out with ``C``. Kept for tests and as the
+    baseline of ``benchmarks/selective_scan.py``.
+    """
     _check(u, delta, A, B, C, D, z, delta_bias)
     uf, dt, Bf, Cf = _prepare(u, delta, B, C, delta_bias, delta_softplus)
-    Ag = A.float().view(uf.shape[1], uf.shape[2], -1)  # [g, d/g, n]
-    h = uf.new_zeros(*uf.shape[:3], A.shape[1])
+    b, g, dg, l = uf.shape
+    dt, uf = dt.reshape(b, g * dg, l), uf.reshape(b, g * dg, l)
+    Bd, Cd = Bf.repeat_interleave(dg, dim=1), Cf.repeat_interleave(dg, dim=1)  # [b, d, n, l]
+    decay = torch.exp(torch.einsum("bdl,dn->bdln", dt, A.float()))
+    inp = torch.einsum("bdl,bdnl,bdl->bdln", dt, Bd, uf)
+    h = uf.new_zeros(b, g * dg, A.shape[1])
     ys = []
-    for t in range(u.shape[-1]):
-        dt_t = dt[..., t, None]
-        h = torch.exp(dt_t * Ag) * h + (dt_t * uf[..., t, None]) * Bf[:, :, None, :, t]
-        ys.append((h * Cf[:, :, None, :, t]).sum(-1))
+    for t in range(l):
+        h = decay[:, :, t] * h + inp[:, :, t]
+        ys.append(torch.einsum("bdn,bdn->bd", h, Cd[..., t]))
     return _finish(torch.stack(ys, -1), u, D, z)
 
 
-def _to_chunks(x: Tensor, chunk: int) -> Tensor:
-    """[..., L] -> [..., chunk, L / chunk] (zero-padded), so step j of every chunk is one contiguous slice."""
-    x = F.pad(x, (0, -x.shape[-1] % chunk))
-    return x.unflatten(-1, (-1, chunk)).transpose(-1, -2).contiguous()
-
-
-def _from_chunks(x: Tensor, length: int) -> Tensor:
-    return x.transpose(-1, -2).flatten(-2)[..., :length]
-
-
-def _steps(decay: Tensor, inp: Tensor, h: Tensor | None) -> list[Tensor]:
-    """h_j = decay_j * h_{j-1} + inp_j one step at a time along dim -2, every chunk (last dim) at once."""
-    out = []
-    for a, x in zip(decay.unbind(-2), inp.unbind(-2)):
+def _walk(decays: Sequence[Tensor], inputs: Sequence[Tensor], h: Tensor | None) -> list[Tensor]:
+    """h_j = decay_j * h_{j-1} + input_j, one step at a time from ``h`` (zero when None)."""
+    states = []
+    for a, x in zip(decays, inputs):
         h = x if h is None else torch.addcmul(x, a, h)
-        out.append(h)
-    return out
+        states.append(h)
+    return states
 
 
-def _chunked_scan(log_decay: Tensor, scale: Tensor, inp: Tensor, chunk: int) -> Tensor:
-    """States of h_t = exp(log_decay_t * scale) * h_{t-1} + inp_t (h_{-1} = 0) along the last dim of ``inp``.
+def _scan(dt: Tensor, A: Tensor, x: Tensor, C: Tensor | None, h0: Tensor | None) -> tuple[Tensor, Tensor]:
+    """h_t = exp(dt_t * A) * h_{t-1} + x_t along dim 0 (time-major), from ``h0`` (zero when None).
 
-    ``log_decay`` [..., 1, L] is shared by the ``scale`` [..., n, 1] rows of ``inp`` [..., n, L]
-    (delta and A in the scan). The sequence is cut into chunks of ``chunk`` steps; one pass over the
-    steps, every chunk in parallel, gives each chunk's end state from zero; the same scan over chunk
-    ends (decay: the chunk's total, ``exp(scale * sum(log_decay))``) gives the state entering each
-    chunk; a second pass from those states gives every state. Decays are always products of
-    factors in [0, 1], so nothing can overflow.
+    ``dt`` is [L, *batch], ``x`` [L, *batch, n], ``A`` broadcasts against ``dt[..., None]``,
+    ``C`` is [L, *batch, n, 1] up to broadcasting. Returns the readout ``sum_n C_t h_t``
+    [L, *batch] (all states [L, *batch, n] when ``C`` is None) and the last state. The L steps are cut into chunks of ``SCAN_CHUNK``: a first walk
+    over the steps, all chunks at once, gives each chunk's end state from zero; the same scan
+    over those (decay: the chunk's total, ``exp(A * sum(dt))``) gives the state entering each
+    chunk; a second walk from there gives every state.
     """
-    L = inp.shape[-1]
-    if L <= chunk:
-        decay = torch.exp(log_decay * scale)
-        return torch.stack(_steps(decay[..., None], inp[..., None], None), -2)[..., 0]
-    ld, x = _to_chunks(log_decay, chunk), _to_chunks(inp, chunk)  # [..., chunk, L / chunk]
-    decay = torch.exp(ld * scale[..., None])
-    ends = _steps(decay, x, None)[-1]
-    entering = _chunked_scan(ld.sum(-2), scale, ends, chunk)  # state at the end of each chunk
-    entering = F.pad(entering[..., :-1], (1, 0))
-    return _from_chunks(torch.stack(_steps(decay, x, entering), -2), L)
-
-
-def _scan_block(dt: Tensor, u: Tensor, B: Tensor, C: Tensor, A: Tensor,
-                state: Tensor | None) -> tuple[Tensor, Tensor]:
-    """One block: dt, u [b, g, d/g, t]; B, C [b, g, n, t]; A [g, d/g, n, 1]; state [b, g, d/g, n] or None.
-
-    Returns y = sum_n C h [b, g, d/g, t] and the last state. Everything full-size (d x n per
-    token) is built directly in chunk layout and never stacked: each step's state is reduced
-    against C at once.
-    """
-    t = dt.shape[-1]
-    dt_c, u_c = _to_chunks(dt, SCAN_CHUNK)[..., None, :, :], _to_chunks(u, SCAN_CHUNK)[..., None, :, :]
-    B_c, C_c = _to_chunks(B, SCAN_CHUNK)[:, :, None], _to_chunks(C, SCAN_CHUNK)[:, :, None]
-    decay = torch.exp(dt_c * A[..., None])  # [b, g, d/g, n, chunk, t / chunk]
-    x = (dt_c * u_c) * B_c
-    ends = _steps(decay, x, None)[-1]
-    total = dt_c.sum(-2)  # [b, g, d/g, 1, t / chunk]: each chunk's log-decay, over A
-    if state is not None:
-        ends = torch.cat([ends[..., :1] + torch.exp(total[..., :1] * A) * state[..., None], ends[..., 1:]], -1)
-    h_end = _chunked_scan(total, A, ends, SCAN_CHUNK)
-    first = h_end.new_zeros(h_end.shape[:-1]) if state is None else state
-    entering = torch.cat([first[..., None], h_end[..., :-1]], -1)  # the state each chunk starts from
-    ys = [(h * c).sum(-2) for h, c in zip(_steps(decay, x, entering), C_c.unbind(-2))]
-    return _from_chunks(torch.stack(ys, -2), t), h_end[..., -1]
+    L = x.shape[0]
+    if L > SCAN_CHUNK and L % SCAN_CHUNK:  # whole chunks, then the last few steps from where they end
+        cut = L - L % SCAN_CHUNK
+        head, h = _scan(dt[:cut], A, x[:cut], None if C is None else C[:cut], h0)
+        tail, h = _scan(dt[cut:], A, x[cut:], None if C is None else C[cut:], h)
+        return torch.cat([head, tail]), h
+    chunk = min(SCAN_CHUNK, L)
+    nc = L // chunk
+    dt_c = dt.view(nc, chunk, *dt.shape[1:])
+    decays = torch.exp(dt_c[..., None] * A).unbind(1)  # per step: [chunks, *batch, n]
+    inputs = x.view(nc, chunk, *x.shape[1:]).unbind(1)
+    if nc == 1:
+        entering = None if h0 is None else h0[None]
+    else:
+        ends = _walk(decays, inputs, None)[-1]
+        carried, _ = _scan(dt_c.sum(1), A, ends, None, h0)  # the state at the end of every chunk
+        first = ends.new_zeros(ends[:1].shape) if h0 is None else h0[None]
+        entering = torch.cat([first, carried[:-1]])
+    states = _walk(decays, inputs, entering)
+    last = states[-1][-1]
+    if C is not None:  # C [L, *batch, n, 1] (batch broadcast): the readout is a batched matmul
+        states = [(h @ c)[..., 0] for h, c in zip(states, C.view(nc, chunk, *C.shape[1:]).unbind(1))]
+    return torch.stack(states, 1).flatten(0, 1), last
 
 
 def _scan_blocks(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
                  delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
+    """The whole scan, ``SCAN_BLOCK`` tokens at a time, in time-major layout [l, b, g, d/g(, n)]."""
     with torch.autocast(u.device.type, enabled=False):
         uf, dt, Bf, Cf = _prepare(u, delta, B, C, delta_bias, delta_softplus)
-        Ag = A.float().view(uf.shape[1], uf.shape[2], -1, 1)  # [g, d/g, n, 1]
-        state = None
-        ys = []
-        for t0 in range(0, u.shape[-1], SCAN_BLOCK):
+        b, g, dg, l = uf.shape
+        dt_t, du_t = dt.permute(3, 0, 1, 2).contiguous(), (dt * uf).permute(3, 0, 1, 2).contiguous()
+        B_t = Bf.permute(3, 0, 1, 2)[:, :, :, None]  # [l, b, g, 1, n]
+        C_t = Cf.permute(3, 0, 1, 2)[..., None]  # [l, b, g, n, 1]
+        Ag = A.float().view(g, dg, -1)
+        state, ys = None, []
+        for t0 in range(0, l, SCAN_BLOCK):
             blk = slice(t0, t0 + SCAN_BLOCK)
-            y, state = _scan_block(dt[..., blk], uf[..., blk], Bf[..., blk], Cf[..., blk], Ag, state)
+            y, state = _scan(dt_t[blk], Ag, du_t[blk, ..., None] * B_t[blk], C_t[blk], state)
             ys.append(y)
-        return _finish(torch.cat(ys, -1), u, D, z)
+        y = torch.cat(ys).permute(1, 2, 3, 0).reshape(b, g * dg, l)
+        return _finish(y, u, D, z)
 
 
 @torch.library.custom_op("backbone_arena::selective_scan", mutates_args=())
@@ -211,8 +204,8 @@ def _backward(ctx, grad: Tensor):
         out = _scan_blocks(*leaves, ctx.delta_softplus)
         grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad, allow_unused=True)
     result: list[Tensor | None] = [None] * (len(tensors) + 1)
-    for i, g in zip(wanted, grads):
-        result[i] = g
+    for i, g in zip(wanted, grads):  # None: the input did not reach the output (A for a single token)
+        result[i] = torch.zeros_like(tensors[i]) if g is None else g
     return tuple(result)
 
 

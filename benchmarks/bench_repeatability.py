@@ -1,0 +1,41 @@
+"""How well repeated `arena bench` measurements of the same cell agree.
+
+    python benchmarks/bench_repeatability.py convnext_atto mambaout_femto --img-size 64 --repeats 5
+
+Each repeat builds the model afresh and measures it as `arena bench` does (median of timed
+blocks); the script prints every repeat's throughput and the spread across repeats,
+(max - min) / median, which is what "repeated runs agree within x%" means in the docs.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from arena.bench import BenchSettings, bench_backbone, resolve_backbones
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("backbones", nargs="+")
+    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--blocks", type=int, default=7)
+    p.add_argument("--block-time", type=float, default=0.5)
+    p.add_argument("--no-train", action="store_true")
+    args = p.parse_args()
+    settings = BenchSettings(batch_size=args.batch_size, blocks=args.blocks, block_time=args.block_time,
+                             train=not args.no_train)
+    keys = ["infer_samples_per_sec"] + ([] if args.no_train else ["train_samples_per_sec"])
+    print(f"{'model':<18} {'column':<22} {'median':>9} {'spread':>7}  repeats (img/s)")
+    for name in resolve_backbones(args.backbones):
+        rows = [bench_backbone(name, args.img_size, settings) for _ in range(args.repeats)]
+        for key in keys:
+            values = [r[key] for r in rows]
+            med = statistics.median(values)
+            spread = 100 * (max(values) - min(values)) / med
+            print(f"{name:<18} {key:<22} {med:9.1f} {spread:6.1f}%  " + " ".join(f"{v:.1f}" for v in values))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Large-kernel depthwise convolution strategies side by side, at the stage shapes of a 224 input.
+
+    python benchmarks/large_kernel_conv.py [--batch 4] [--kernels 7 13 17 31] [--repeats 5] [--threads 1]
+
+For each (kernel, stage) case every strategy of ``backbones.ops.large_kernel`` (plain NCHW
+``F.conv2d``, channels-last, FFT via ``torch.fft``) runs interleaved in one process on the same
+input; the table gives best-of-N milliseconds, the speed-up over plain, the fastest strategy and
+the one ``default_strategy`` picks (what the models use). Channels are RepLKNet-31B's
+(128/256/512/1024 at 56/28/14/7). Read the ratios: absolute times move with the machine's load.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from backbones.ops.large_kernel import STRATEGIES, default_strategy, depthwise_conv2d  # noqa: E402
+
+STAGES = ((128, 56), (256, 28), (512, 14), (1024, 7))  # (channels, resolution) at a 224 input
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Best-of-``repeats`` seconds of each callable, run round-robin so load changes hit all alike.
+
+    With one intra-op thread the clock is the process's CPU time, which leaves out the time the
+    scheduler gives to other processes on a shared machine; with more threads it is wall time.
+    The minimum, not the median: other processes only ever add time.
+    """
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = clock()
+            fn()
+            times[name].append(clock() - t0)
+    return {name: min(t) for name, t in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--kernels", type=int, nargs="+", default=[7, 13, 17, 31])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's choice)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"depthwise conv, batch {args.batch}, {torch.get_num_threads()} threads, CPU, "
+          f"best of {args.repeats} (ms); speed-up = plain / strategy")
+    head = "".join(f"{s:>15}" for s in STRATEGIES) + "".join(f"{'x ' + s:>16}" for s in STRATEGIES[1:])
+    print(f"{'kernel':>6}{'C':>6}{'HxW':>7}{head}{'fastest':>15}{'default':>15}")
+    agree = 0
+    cases = [(k, c, hw) for k in args.kernels for c, hw in STAGES]
+    for k, c, hw in cases:
+        g = torch.Generator().manual_seed(0)
+        x, w = torch.randn(args.batch, c, hw, hw, generator=g), torch.randn(c, 1, k, k, generator=g)
+        with torch.no_grad():
+            ms = {s: 1e3 * t for s, t in time_interleaved(
+                {s: (lambda s=s: depthwise_conv2d(x, w, strategy=s)) for s in STRATEGIES}, args.repeats).items()}
+        fastest, default = min(ms, key=ms.get), default_strategy(k, "cpu")
+        # the default is right when it is the fastest or within 10% of it (timing noise)
+        agree += ms[default] <= 1.1 * ms[fastest]
+        ratios = "".join(f"{ms['plain'] / ms[s]:>16.2f}" for s in STRATEGIES[1:])
+        print(f"{k:>6}{c:>6}{f'{hw}x{hw}':>7}" + "".join(f"{ms[s]:>15.2f}" for s in STRATEGIES)
+              + f"{ratios}{fastest:>15}{default:>15}")
+    print(f"default strategy fastest (or within 10%) in {agree}/{len(cases)} cases")
+
+
+if __name__ == "__main__":
+    main()

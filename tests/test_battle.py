@@ -1,0 +1,141 @@
+"""The battle: skip / resume / redo logic, failure isolation, a real multirun grid, the configs."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+import train as train_script
+from arena.battle import resumable_checkpoint, run_cell
+from arena.records import RECORD_NAME, config_hash, make_record, read_record, write_record
+from backbones import FAMILIES, backbone_entry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakeTrain:
+    """Stands in for ``train``: writes a complete record and remembers which cells ran."""
+
+    def __init__(self, fail: str | None = None) -> None:
+        self.ran: list[str] = []
+        self.fail = fail
+
+    def __call__(self, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
+        self.ran.append(cfg.backbone.name)
+        if cfg.backbone.name == self.fail:
+            raise RuntimeError("boom: out of memory")
+        record = make_record(stage="train", status="complete", cfg=cfg, family="baseline", metrics={"acc1": 0.5},
+                             params=1, flops=1, wall_time_s=0.0, run_dir=run_dir, primary_metric="acc1",
+                             resumed_from=cfg.get("ckpt_path"))
+        write_record(run_dir, record)
+        return record
+
+
+def test_failing_cell_is_recorded_and_the_rest_run(make_cfg, tmp_path: Path) -> None:
+    fake = FakeTrain(fail="mambaout_test")
+    cells = {name: make_cfg(f"backbone={name}") for name in ("convnext_test", "mambaout_test", "vit_test")}
+    records = {name: run_cell(cfg, tmp_path / name, [], fake) for name, cfg in cells.items()}
+    assert fake.ran == ["convnext_test", "mambaout_test", "vit_test"]
+    bad = read_record(tmp_path / "mambaout_test")
+    assert bad == records["mambaout_test"]
+    assert bad["status"] == "failed" and bad["error"] == "RuntimeError: boom: out of memory"
+    assert "Traceback" in bad["traceback"] and bad["metrics"] == {}
+    assert bad["family"] == backbone_entry("mambaout_test").family and bad["primary_metric"] == "acc1"
+    assert bad["config_hash"] == config_hash(cells["mambaout_test"])
+    assert records["vit_test"]["status"] == "complete"
+
+    again = FakeTrain()
+    for name, cfg in cells.items():
+        run_cell(cfg, tmp_path / name, [], again)
+    assert again.ran == ["mambaout_test"]  # only the failed cell is redone
+    assert read_record(tmp_path / "mambaout_test")["status"] == "complete"
+
+
+def test_changed_config_or_torn_record_is_redone(make_cfg, tmp_path: Path) -> None:
+    fake = FakeTrain()
+    run_cell(make_cfg("backbone=convnext_test"), tmp_path / "a", [], fake)
+    run_cell(make_cfg("backbone=convnext_test", "trainer.max_epochs=5"), tmp_path / "a", [], fake)  # other hash
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / RECORD_NAME).write_text('{"status": "compl')  # a torn record is not a result
+    run_cell(make_cfg("backbone=convnext_test"), tmp_path / "b", [], fake)
+    assert len(fake.ran) == 3
+    assert read_record(tmp_path / "b")["status"] == "complete"
+
+
+def test_resume_only_from_a_checkpoint_of_the_same_config(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("backbone=convnext_test")
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    torch.save({"state_dict": {}, "arena_config": OmegaConf.to_container(cfg, resolve=True)}, ckpt)
+    assert resumable_checkpoint(tmp_path, config_hash(cfg)) == str(ckpt)
+    assert resumable_checkpoint(tmp_path, config_hash(make_cfg("backbone=convnext_test", "seed=3"))) is None
+    fake = FakeTrain()
+    assert run_cell(cfg, tmp_path, [], fake)["resumed_from"] == str(ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:20])  # killed while saving
+    assert resumable_checkpoint(tmp_path, config_hash(cfg)) is None
+
+
+def _multirun(log_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python train.py -m experiment=battle_test ...`` in this process."""
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m", f"--config-path={ROOT / 'conf'}", "experiment=battle_test", "logger=csv", "~logger.wandb",
+                                      f"paths.log_dir={log_dir}", "trainer.accelerator=cpu",
+                                      "backbone=convnext_test", "task=classification", "seed=0,1,2"])
+    GlobalHydra.instance().clear()
+    try:
+        train_script.main()
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def test_killed_battle_reruns_only_unfinished_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _multirun(tmp_path, monkeypatch)
+    battle = tmp_path / "battles" / "test"
+    cells = {s: battle / "classification" / "shapes" / "fine_tune" / "convnext_test" / f"seed{s}" for s in range(3)}
+    first = {s: (d / RECORD_NAME).read_text() for s, d in cells.items()}
+    assert all(json.loads(t)["status"] == "complete" for t in first.values())
+    assert (battle / "leaderboard" / "leaderboard.html").stat().st_size > 0
+    assert all((d / "checkpoints" / "last.ckpt").exists() for d in cells.values())
+
+    (cells[1] / RECORD_NAME).unlink()  # killed after its checkpoint, before its record
+    failed = json.loads(first[2]) | {"status": "failed", "error": "RuntimeError: killed", "metrics": {}}
+    write_record(cells[2], failed)
+    _multirun(tmp_path, monkeypatch)
+
+    assert (cells[0] / RECORD_NAME).read_text() == first[0]  # complete: not redone
+    for s in (1, 2):
+        redone = read_record(cells[s])
+        assert redone["status"] == "complete" and redone["created"] >= json.loads(first[s])["created"]
+        assert redone["config_hash"] == json.loads(first[s])["config_hash"]
+        assert redone["metrics"]["acc1"] == pytest.approx(json.loads(first[s])["metrics"]["acc1"])
+    assert not list(battle.rglob(".metrics.json.*"))  # no torn temporary files left
+
+
+def test_battle_config_covers_every_family_and_existing_tasks(make_cfg) -> None:
+    cfg = make_cfg("experiment=battle", "logger=wandb")
+    params = cfg.hydra.sweeper.params
+    backbones = params.backbone.split(",")
+    assert {backbone_entry(b).family for b in backbones} == set(FAMILIES)
+    assert all(not backbone_entry(b).tiny for b in backbones)
+    for task in params.task.split(","):
+        assert (ROOT / "conf" / "task" / f"{task}.yaml").exists(), task
+    assert cfg.logger.wandb.group == "battle-default" and cfg.logger.wandb.offline
+    assert cfg.hydra.sweep.dir == f"{cfg.paths.log_dir}/battles/default"
+    assert cfg.hydra.sweep.subdir == "classification/shapes/fine_tune/convnext_atto/seed0"
+    assert cfg.hydra.callbacks.battle._target_ == "arena.battle.BattleCallback"
+
+
+def test_slurm_launcher_config_composes(make_cfg) -> None:
+    from hydra.utils import get_class
+
+    cfg = make_cfg("experiment=battle", "hydra/launcher=slurm", "hydra.launcher.partition=gpu")
+    launcher = cfg.hydra.launcher
+    assert get_class(launcher._target_).__name__ == "SlurmLauncher"
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min > 0
+    assert OmegaConf.select(cfg, "hydra.launcher.name") == "arena-default"
+    local = make_cfg("experiment=battle_test", "hydra/launcher=local").hydra.launcher
+    assert get_class(local._target_).__name__ == "LocalLauncher"

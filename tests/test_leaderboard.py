@@ -1,0 +1,135 @@
+"""Leaderboard maths on hand-made records with known answers, and the published files."""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from arena.cli import main as cli_main
+from arena.leaderboard import build_leaderboard, pareto_front, write_leaderboard
+from arena.records import RECORD_NAME, find_records, write_json_atomic
+
+Z = math.sqrt(1.5)  # z-scores of three equally spaced means: -sqrt(3/2), 0, +sqrt(3/2)
+FAMILY = {"a_net": "hybrid", "b_net": "state-space", "c_net": "baseline", "d_net": "large-kernel",
+          "e_net": "multi-axis"}
+METRIC = {"classification": "acc1", "segmentation": "miou"}
+
+
+def rec(backbone: str, task: str, value: float | None, seed: int = 0, *, status: str = "complete",
+        created: str = "2026-01-01T00:00:00", params: float = 5e6, flops: float = 1e9) -> dict:
+    metric = METRIC[task]
+    return {"schema_version": 1, "status": status, "stage": "train", "backbone": backbone, "family": FAMILY[backbone],
+            "task": task, "mode": "fine_tune", "head": None, "dataset": "shapes", "seed": seed,
+            "config_hash": f"{backbone}{task}{seed}", "primary_metric": metric,
+            "metrics": {} if value is None else {metric: value, "loss": 1.0}, "params": params, "flops": flops,
+            "image_size": 64, "wall_time_s": 1.0, "versions": {}, "created": created,
+            "run_dir": f"/runs/{backbone}/{task}/{seed}", "error": "RuntimeError: boom" if status == "failed" else None}
+
+
+def battle_records() -> list[dict]:
+    """a, b, c on two tasks with means 0.1/0.2/0.3 (cls) and 0.3/0.1/0.2 (seg); d only failed."""
+    return [
+        rec("a_net", "classification", 0.05, seed=0), rec("a_net", "classification", 0.15, seed=1),
+        rec("b_net", "classification", 0.2, params=20e6, flops=2e9),
+        rec("c_net", "classification", 0.9, created="2025-01-01T00:00:00"),  # superseded by the newer record
+        rec("c_net", "classification", 0.3, created="2026-02-01T00:00:00", params=50e6, flops=0.5e9),
+        rec("a_net", "segmentation", 0.3), rec("b_net", "segmentation", 0.1, params=20e6, flops=2e9),
+        rec("c_net", "segmentation", 0.2, params=50e6, flops=0.5e9),
+        rec("b_net", "segmentation", None, seed=1, status="failed"),
+        rec("d_net", "classification", None, status="failed"),
+    ]
+
+
+def test_zscores_task_scores_ranks_and_seeds() -> None:
+    board = build_leaderboard(battle_records())
+    t = board.table.set_index("backbone")
+    assert t.loc["a_net", "score_classification"] == pytest.approx(-Z)
+    assert t.loc["c_net", "score_classification"] == pytest.approx(Z)
+    assert t.loc["a_net", "score_segmentation"] == pytest.approx(Z)
+    assert t.loc["b_net", "score_segmentation"] == pytest.approx(-Z)
+    assert t.loc[["a_net", "b_net", "c_net"], "score"].tolist() == pytest.approx([0.0, -Z / 2, Z / 2])
+    assert t.loc[["c_net", "a_net", "b_net"], "rank"].tolist() == [1, 2, 3]
+    assert list(board.table["backbone"][:3]) == ["c_net", "a_net", "b_net"]
+    col = "classification/shapes/fine_tune:acc1"
+    assert t.loc["a_net", col] == pytest.approx(0.1) and t.loc["a_net", f"{col}_std"] == pytest.approx(0.05 * math.sqrt(2))
+    cells = board.cells.set_index(["backbone", "task"])
+    assert cells.loc[("a_net", "classification"), "seeds"] == 2 and cells.loc[("a_net", "segmentation"), "seeds"] == 1
+    assert t.loc["a_net", "seeds"] == 1  # the table shows the fewest seeds over its settings
+    assert t.loc["c_net", col] == pytest.approx(0.3)  # the newer record of the same cell counts
+    assert t.loc[["a_net", "b_net", "c_net"], "size"].tolist() == ["<10M", "10-30M", "30-90M"]
+    assert t.loc["c_net", "gflops"] == pytest.approx(0.5)
+
+
+def test_failed_and_missing_cells_are_listed_not_scored() -> None:
+    board = build_leaderboard(battle_records())
+    t = board.table.set_index("backbone")
+    failed = set(zip(board.failed["backbone"], board.failed["task"], board.failed["seed"]))
+    assert failed == {("b_net", "segmentation", 1), ("d_net", "classification", 0)}
+    assert (board.failed["error"] == "RuntimeError: boom").all()
+    assert t.loc["d_net", "coverage"] == "0/2" and np.isnan(t.loc["d_net", "score"]) and np.isnan(t.loc["d_net", "rank"])
+    assert set(board.missing["backbone"]) == {"d_net"} and len(board.missing) == 2
+
+
+def test_partial_coverage_keeps_its_score_but_gets_no_rank() -> None:
+    records = [rec("a_net", "classification", 0.1), rec("b_net", "classification", 0.3), rec("e_net", "classification", 0.2),
+               rec("a_net", "segmentation", 0.2), rec("b_net", "segmentation", 0.1)]
+    t = build_leaderboard(records).table.set_index("backbone")
+    assert t.loc["e_net", "coverage"] == "1/2" and np.isnan(t.loc["e_net", "rank"])
+    assert t.loc["e_net", "score"] == pytest.approx(0.0)  # its one task, not averaged with a made-up value
+    assert t.loc["b_net", "score"] == pytest.approx((Z + -1.0) / 2)  # seg: two backbones -> z = +-1
+    assert t.loc[["a_net", "b_net"], "rank"].tolist() == [2, 1]
+
+
+def test_pareto_front() -> None:
+    x = pd.Series([100.0, 50.0, 80.0, np.nan])
+    y = pd.Series([0.0, -1.0, 1.0, 5.0])
+    assert pareto_front(x, y).tolist() == [True, False, True, False]
+    assert pareto_front(x, y, x_higher_better=False).tolist() == [False, True, True, False]
+    bench = pd.DataFrame({"model": ["a_net", "b_net", "c_net", "c_net"], "infer_img_size": [64, 64, 64, 128],
+                          "infer_samples_per_sec": [100.0, 50.0, 80.0, 10.0], "infer_peak_mem_mb": [1.0, 2.0, 3.0, 9.0],
+                          "family": ["hybrid", "state-space", "baseline", "baseline"], "error": [None] * 4})
+    board = build_leaderboard(battle_records(), bench)
+    t = board.table.set_index("backbone")
+    assert board.efficiency_axis == "infer_samples_per_sec"
+    assert t.loc["c_net", "infer_samples_per_sec"] == 80.0  # the bench row at the records' resolution
+    assert t["pareto"].to_dict() == {"c_net": True, "a_net": True, "b_net": False, "d_net": False}
+    without = build_leaderboard(battle_records()).table.set_index("backbone")  # GFLOPs axis: lower is better
+    assert without["pareto"].to_dict() == {"c_net": True, "a_net": False, "b_net": False, "d_net": False}
+
+
+def test_published_files_reproduce_from_records_on_disk(tmp_path: Path) -> None:
+    for i, r in enumerate(battle_records()):
+        write_json_atomic(tmp_path / "runs" / str(i) / RECORD_NAME, r)
+    bench = tmp_path / "bench.csv"
+    pd.DataFrame({"model": ["a_net", "a_net", "c_net", "c_net"], "family": ["hybrid", "hybrid", "baseline", "baseline"],
+                  "infer_img_size": [64, 128, 64, 128], "infer_samples_per_sec": [100.0, 30.0, 80.0, 20.0],
+                  "infer_peak_mem_mb": [1.0, 4.0, 3.0, 12.0], "error": [None] * 4}).to_csv(bench, index=False)
+    out = tmp_path / "board"
+    assert cli_main(["leaderboard", str(tmp_path / "runs"), "--out", str(out), "--bench", str(bench)]) == 0
+    for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.html", "pareto.png", "tasks.png", "scaling.png"):
+        assert (out / name).stat().st_size > 0, name
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv = pd.read_csv(out / "leaderboard.csv").set_index("backbone")
+    memory = build_leaderboard(battle_records(), pd.read_csv(bench)).table.set_index("backbone")
+    assert csv["score"].tolist() == pytest.approx(memory["score"].tolist(), nan_ok=True)
+    assert csv["rank"].tolist() == pytest.approx(memory["rank"].tolist(), nan_ok=True)
+    assert len(list(find_records(tmp_path / "runs"))) == len(battle_records())
+
+    page = (out / "leaderboard.html").read_text()
+    body = page.split('<table id="board">')[1].split("</table>")[0]
+    rows = re.findall(r'<tr data-family="([^"]+)"', body)
+    assert sorted(rows) == sorted(FAMILY[b] for b in ("a_net", "b_net", "c_net", "d_net"))  # one row per backbone
+    assert "<script>" in page and "http" not in page.split("<body>")[1].split("<img")[0]  # no CDN, nothing fetched
+    assert page.count('src="data:image/png;base64,') == 3
+    md = (out / "leaderboard.md").read_text()
+    assert "| 1 | c_net |" in md and "## Failed cells" in md and "## Missing cells" in md
+
+
+def test_no_records_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no run records"):
+        build_leaderboard(find_records(tmp_path))
