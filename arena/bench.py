@@ -5,9 +5,12 @@ formula with ``register_flop_formula`` so they are not missed. Models are built 
 device when only counts are wanted, so even large variants cost no memory or time.
 
 Throughput is timed after explicit warm-up steps in several blocks of steps (each about
-``block_time`` seconds, the device synchronised around it); the *median* block is reported, which
-a busy machine disturbs far less than a mean, and the blocks' interquartile range is kept as the
-spread. Inference runs under ``inference_mode``; a training step is forward, a loss on every
+``block_time`` seconds, the device synchronised around it); the *median* block is reported, and
+the blocks' interquartile range is kept as the spread. ``clock="wall"`` (the default) times
+wall-clock seconds with the usual threads: the throughput a user sees, which other processes on a
+shared CPU disturb. ``clock="cpu"`` runs one thread and times its CPU time (``time.thread_time``),
+which excludes time spent waiting for a core: single-core throughput, repeatable on a loaded
+machine. Inference runs under ``inference_mode``; a training step is forward, a loss on every
 feature level, backward and an SGD step. The CSV columns follow timm's ``benchmark.py`` results
 (``infer_samples_per_sec``, ``infer_step_time`` in ms, ``infer_gmacs`` per sample, ``param_count``
 in millions, ...), with this project's extra columns after them.
@@ -40,11 +43,13 @@ if TYPE_CHECKING:
     import pandas as pd
 
 PRECISIONS = ("fp32", "bf16")
+CLOCKS = ("wall", "cpu")
 TIMM_COLUMNS = ("model", "infer_samples_per_sec", "infer_step_time", "infer_batch_size", "infer_img_size",
                 "infer_gmacs", "param_count", "train_samples_per_sec", "train_step_time", "train_batch_size",
                 "train_img_size")
 EXTRA_COLUMNS = ("family", "infer_gflops", "infer_spread_pct", "infer_peak_mem_mb", "train_spread_pct",
-                 "train_peak_mem_mb", "device", "precision", "channels_last", "compiled", "error")
+                 "train_peak_mem_mb", "device", "threads", "clock", "precision", "channels_last", "compiled",
+                 "error")
 COLUMNS = TIMM_COLUMNS + EXTRA_COLUMNS
 
 
@@ -127,10 +132,15 @@ class BenchSettings:
     blocks: int = 7  # timed blocks; their median is reported
     block_time: float = 0.5  # seconds per block (at least one step)
     train: bool = True
+    clock: str = "wall"  # "cpu": one thread, timed by its CPU time (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {CLOCKS}, got {self.clock!r}")
+        if self.clock == "cpu" and torch.device(self.device).type != "cpu":
+            raise ValueError(f"clock='cpu' times CPU work; device {self.device!r} needs clock='wall'")
         if self.batch_size < 1 or self.warmup < 0 or self.blocks < 3 or self.block_time <= 0:
             raise ValueError(f"batch_size >= 1, warmup >= 0, blocks >= 3 and block_time > 0 are required, got "
                              f"batch_size={self.batch_size}, warmup={self.warmup}, blocks={self.blocks}, "
@@ -166,21 +176,22 @@ def _time_step(step: Callable[[], Any], device: torch.device, settings: BenchSet
     Each block runs as many steps as fill ``block_time`` (estimated from one step after warm-up),
     with the device synchronised before and after it.
     """
+    clock = time.thread_time if settings.clock == "cpu" else time.perf_counter
     for _ in range(settings.warmup):
         step()
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     step()
     _sync(device)
-    per_block = max(1, round(settings.block_time / (time.perf_counter() - t0)))
+    per_block = max(1, round(settings.block_time / (clock() - t0)))
     times = []
     for _ in range(settings.blocks):
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(per_block):
             step()
         _sync(device)
-        times.append((time.perf_counter() - t0) / per_block)
+        times.append((clock() - t0) / per_block)
     q25, median, q75 = statistics.quantiles(times, n=4, method="inclusive")
     return median, (q75 - q25) / median
 
@@ -200,6 +211,17 @@ def _peak_memory(step: Callable[[], Any], device: torch.device, resident: int) -
 
 def bench_backbone(name: str, img_size: int, settings: BenchSettings) -> dict[str, Any]:
     """One result row: params, FLOPs, inference (and training) throughput and peak memory."""
+    if settings.clock == "wall":
+        return _bench_backbone(name, img_size, settings)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ops then run on the calling thread, whose CPU time is the clock
+    try:
+        return _bench_backbone(name, img_size, settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench_backbone(name: str, img_size: int, settings: BenchSettings) -> dict[str, Any]:
     from backbones import create_backbone
 
     device = torch.device(settings.device)
@@ -207,8 +229,9 @@ def bench_backbone(name: str, img_size: int, settings: BenchSettings) -> dict[st
         meta = create_backbone(name, img_size=img_size)
     row: dict[str, Any] = {
         "model": name, "family": meta.family, "infer_img_size": img_size, "infer_batch_size": settings.batch_size,
-        "param_count": round(count_params(meta) / 1e6, 3), "device": device.type, "precision": settings.precision,
-        "channels_last": settings.channels_last, "compiled": settings.compile,
+        "param_count": round(count_params(meta) / 1e6, 3), "device": device.type, "threads": torch.get_num_threads(),
+        "clock": settings.clock, "precision": settings.precision, "channels_last": settings.channels_last,
+        "compiled": settings.compile,
     }
     flops = count_flops(meta, img_size)
     row.update(infer_gmacs=round(flops / 2e9, 4), infer_gflops=round(flops / 1e9, 4))
@@ -273,7 +296,8 @@ def run_bench(names: Sequence[str], img_sizes: Sequence[int], settings: BenchSet
 def _cmd_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(batch_size=args.batch_size, device=args.device, precision=args.precision,
                              channels_last=args.channels_last, compile=args.compile, warmup=args.warmup,
-                             blocks=args.blocks, block_time=args.block_time, train=not args.no_train)
+                             blocks=args.blocks, block_time=args.block_time, train=not args.no_train,
+                             clock=args.clock)
     print(f"settings: {asdict(settings)}", file=sys.stderr)
 
     def show(row: dict[str, Any]) -> None:
@@ -309,5 +333,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--blocks", type=int, default=7, help="timed blocks; the median block is reported")
     p.add_argument("--block-time", type=float, default=0.5, help="seconds per timed block (at least one step)")
     p.add_argument("--no-train", action="store_true", help="inference only")
+    p.add_argument("--clock", choices=CLOCKS, default="wall",
+                   help="cpu: one thread timed by its CPU time, steady on a busy machine (single-core throughput)")
     p.add_argument("--out", help="CSV file (default: stdout)")
     p.set_defaults(func=_cmd_bench)

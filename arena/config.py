@@ -19,7 +19,7 @@ _registered = False
 
 def backbone_node(name: str) -> dict[str, Any]:
     """The config of one backbone option: what ``create_backbone`` receives."""
-    return {"_target_": "backbones.create_backbone", "name": name, "pretrained": None,
+    return {"_target_": "backbones.create_backbone", "name": name, "pretrained": None, "pretrained_strict": True,
             "img_size": "${oc.select:data.image_size,null}"}
 
 

@@ -232,7 +232,8 @@ def plot_pareto(board: Leaderboard, path: Path) -> Path:
     for x, y, name in zip(t[axis], t["score"], t["backbone"]):
         ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     front = t[t["pareto"]].sort_values(axis)
-    ax.plot(front[axis], front["score"], "k--", lw=1, label="Pareto front")
+    ax.plot(front[axis], front["score"], "k--", lw=1)
+    ax.scatter(front[axis], front["score"], s=150, facecolors="none", edgecolors="k", label="Pareto front")
     ax.set_xlabel("inference throughput (img/s)" if axis == "infer_samples_per_sec" else "GFLOPs per image (lower is better)")
     ax.set_ylabel("overall score (mean z)")
     ax.legend(fontsize=8)

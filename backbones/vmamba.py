@@ -260,10 +260,11 @@ def _create_vmamba(variant: str, **kwargs: Any) -> VMamba:
 
 
 # ImageNet-1k releases of the v2 models (github.com/MzeroMiko/VMamba, release #20240316).
+_RELEASE = "https://github.com/MzeroMiko/VMamba/releases/download/%2320240316/"
 _URLS = {
-    "vmamba_tiny": "https://github.com/MzeroMiko/VMamba/releases/download/%2320240316/vssm_tiny_0230_ckpt_epoch_262.pth",
-    "vmamba_small": "https://github.com/MzeroMiko/VMamba/releases/download/%2320240316/vssm_small_0229_ckpt_epoch_222.pth",
-    "vmamba_base": "https://github.com/MzeroMiko/VMamba/releases/download/%2320240316/vssm_base_0229_ckpt_epoch_237.pth",
+    "vmamba_tiny": _RELEASE + "vssm_tiny_0230_ckpt_epoch_262.pth",
+    "vmamba_small": _RELEASE + "vssm_small_0229_ckpt_epoch_222.pth",
+    "vmamba_base": _RELEASE + "vssm_base_0229_ckpt_epoch_237.pth",
 }
 
 

@@ -4,9 +4,10 @@
 
 For each (kernel, stage) case every strategy of ``backbones.ops.large_kernel`` (plain NCHW
 ``F.conv2d``, channels-last, FFT via ``torch.fft``) runs interleaved in one process on the same
-input; the table gives best-of-N milliseconds, the speed-up over plain, the fastest strategy and
-the one ``default_strategy`` picks (what the models use). Channels are RepLKNet-31B's
-(128/256/512/1024 at 56/28/14/7). Read the ratios: absolute times move with the machine's load.
+input; the table gives best-of-N milliseconds (process CPU time with one thread, see
+``time_interleaved``), the speed-up over plain, the fastest strategy and the one
+``default_strategy`` picks (what the models use). Channels are RepLKNet-31B's (128/256/512/1024
+at 56/28/14/7). Read the ratios: absolute times move with the machine's load.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def main() -> None:
         with torch.no_grad():
             ms = {s: 1e3 * t for s, t in time_interleaved(
                 {s: (lambda s=s: depthwise_conv2d(x, w, strategy=s)) for s in STRATEGIES}, args.repeats).items()}
-        fastest, default = min(ms, key=ms.get), default_strategy(k, "cpu")
+        fastest, default = min(ms, key=ms.get), default_strategy(k, "cpu", hw * hw)
         # the default is right when it is the fastest or within 10% of it (timing noise)
         agree += ms[default] <= 1.1 * ms[fastest]
         ratios = "".join(f"{ms['plain'] / ms[s]:>16.2f}" for s in STRATEGIES[1:])

@@ -3,13 +3,13 @@
     python benchmarks/reparam_speed.py [--models unireplknet_t replknet_31b] [--batch 4] [--size 224]
                                        [--repeats 5] [--threads 1]
 
-For each model the train form (in eval mode, BatchNorm statistics randomized so the check is not
-trivial) and its ``reparameterize()``-d copy run interleaved in one process on the same batch;
-the table gives best-of-N images/s, the speed-up, and the largest output difference relative to the
-output scale. A second row times only the part that reparameterization rewrites, the first
-large-kernel token mixer (UniRepLKNet: stage-2 dwconv + BN, 13x13 with five dilated branches;
-RepLKNet: stage-1 31x31 + 5x5 large-kernel conv), on its input shape. Read the ratios: absolute
-times move with the machine's load.
+For each model the train form (in eval mode, with BatchNorm statistics and layer scales
+randomized so the check is not trivial) and its ``reparameterize()``-d copy run interleaved in
+one process on the same batch; the table gives best-of-N images/s (CPU time of the process with
+one thread, see ``time_interleaved``), the speed-up, and the largest output difference relative
+to the output scale. A second row times only the part that reparameterization rewrites, the
+first large-kernel token mixer (UniRepLKNet: stage-2 dwconv + BN, 13x13 with five dilated
+branches; RepLKNet: stage-1 31x31 + 5x5 large-kernel conv), on its input shape.
 """
 from __future__ import annotations
 
@@ -26,10 +26,14 @@ from backbones.replknet import RepLKNet  # noqa: E402
 from large_kernel_conv import time_interleaved  # noqa: E402
 
 
-def randomize_bn_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Trained-looking BatchNorm statistics and affine parameters, so that folding them is exercised."""
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Trained-looking BatchNorm statistics and affine maps, layer scales and GRN gains (``gamma``),
+    so that every merge is exercised and the residual branches matter."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 c = m.num_features
@@ -64,7 +68,7 @@ def main() -> None:
     for name in args.models:
         torch.manual_seed(0)
         train = create_backbone(name).eval()
-        randomize_bn_(train)
+        randomize_(train)
         deploy = copy.deepcopy(train)
         deploy.reparameterize()
         (mixer_train, level), (mixer_deploy, _) = token_mixer(train), token_mixer(deploy)

@@ -1,8 +1,9 @@
 """Vim-Ti vs DeiT-Ti as the input grows: inference time per image and peak memory, side by side.
 
-    python benchmarks/resolution_scaling.py [--sizes 224 512 768 1024] [--repeats 2] [--threads N]
+    python benchmarks/resolution_scaling.py [--sizes 224 512 768 1024] [--repeats 1] [--threads N]
 
 Both models run in the same process, one batch of 1 image at a time, eval mode, no autograd,
+after a warm-up pass at 224,
 fp32 on CPU, randomly initialized (weights do not change the cost). DeiT-Ti is timm's
 ``deit_tiny_patch16_224`` with ``dynamic_img_size=True`` (its attention is
 ``F.scaled_dot_product_attention``); Vim-Ti is ``create_backbone("vim_tiny")``'s ``embed``
@@ -37,22 +38,15 @@ def _status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def peak_mib(fn, x: torch.Tensor) -> float:
-    """How far the resident set rose above its starting size while ``fn(x)`` ran."""
+def measure(fn, x: torch.Tensor) -> tuple[float, float]:
+    """Seconds of ``fn(x)`` and how far the resident set rose above its starting size (MiB) meanwhile."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark to the current resident size
     before = _status_kib("VmRSS")
+    t0 = time.perf_counter()
     fn(x)
-    return (_status_kib("VmHWM") - before) / 1024
-
-
-def seconds(fn, x: torch.Tensor, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    seconds = time.perf_counter() - t0
+    return seconds, (_status_kib("VmHWM") - before) / 1024
 
 
 def main() -> None:
@@ -60,7 +54,7 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 512, 768, 1024])
-    p.add_argument("--repeats", type=int, default=2, help="timed passes after the (memory-measuring) warm-up")
+    p.add_argument("--repeats", type=int, default=1, help="passes per model and size (median time, max memory)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = p.parse_args()
     if args.threads:
@@ -71,6 +65,9 @@ def main() -> None:
     deit = timm.create_model("deit_tiny_patch16_224", dynamic_img_size=True, num_classes=0).eval()
     vim = create_backbone("vim_tiny").eval()
     models = {"DeiT-Ti": deit, "Vim-Ti": vim.embed}
+    with torch.inference_mode():
+        for m in models.values():  # warm-up: first calls of every kernel, at a small size
+            m(torch.randn(1, 3, 224, 224))
     print(f"batch 1, fp32, CPU, {torch.get_num_threads()} threads, median of {args.repeats}")
     print(f"{'size':>6}{'tokens':>8}{'DeiT-Ti ms':>12}{'Vim-Ti ms':>11}{'Vim/DeiT':>10}"
           f"{'DeiT-Ti MiB':>13}{'Vim-Ti MiB':>12}{'Vim/DeiT':>10}")
@@ -78,15 +75,17 @@ def main() -> None:
     with torch.inference_mode():
         for size in args.sizes:
             x = torch.randn(1, 3, size, size)
-            mem = {k: peak_mib(m, x) for k, m in models.items()}  # also the warm-up pass
-            t = {k: seconds(m, x, args.repeats) for k, m in models.items()}
+            runs = {k: [measure(m, x) for _ in range(args.repeats)] for k, m in models.items()}
+            t = {k: statistics.median(s for s, _ in r) for k, r in runs.items()}
+            mem = {k: max(m for _, m in r) for k, r in runs.items()}
             rows.append((size, t, mem))
             print(f"{size:>6}{(size // 16) ** 2 + 1:>8}{1e3 * t['DeiT-Ti']:>12.0f}{1e3 * t['Vim-Ti']:>11.0f}"
                   f"{t['Vim-Ti'] / t['DeiT-Ti']:>10.2f}{mem['DeiT-Ti']:>13.1f}{mem['Vim-Ti']:>12.1f}"
-                  f"{mem['Vim-Ti'] / mem['DeiT-Ti']:>10.2f}")
+                  f"{mem['Vim-Ti'] / mem['DeiT-Ti']:>10.2f}", flush=True)
     for what, idx in (("time", 1), ("peak memory", 2)):
         faster = [size for size, *vals in rows if vals[idx - 1]["Vim-Ti"] <= vals[idx - 1]["DeiT-Ti"]]
-        print(f"Vim-Ti at or below DeiT-Ti in {what}: " + (", ".join(map(str, faster)) if faster else "at no size tried"))
+        sizes = ", ".join(map(str, faster)) if faster else "at no size tried"
+        print(f"Vim-Ti at or below DeiT-Ti in {what}: {sizes}")
 
 
 if __name__ == "__main__":

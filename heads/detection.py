@@ -37,6 +37,8 @@ from typing import Any, Sequence
 
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
@@ -92,7 +94,9 @@ def build_detector(kind: str, *, backbone: Backbone, num_classes: int, image_siz
 
     ``num_classes`` counts the background: labels of objects are ``1..num_classes - 1``.
     ``image_mean``/``image_std`` default to the backbone's ``pretrained_cfg``. ``kwargs`` go to
-    the torchvision constructor (e.g. ``box_batch_size_per_image``, ``score_thresh``).
+    the torchvision constructor (e.g. ``box_batch_size_per_image``, ``score_thresh``), except
+    ``representation_size``: the width of the R-CNN box head's two layers (torchvision's 1024).
+    Mask R-CNN's mask head is four convolutions as wide as the FPN, as in torchvision.
     """
     spec = head_spec(kind)
     if num_classes < 2:
@@ -118,10 +122,15 @@ def build_detector(kind: str, *, backbone: Backbone, num_classes: int, image_siz
     if kind == "fcos":
         return FCOS(neck, num_classes, anchor_generator=anchors, **transform, **kwargs)
     levels = [n for n, s in zip(neck.names, neck.strides) if n != "pool"]
-    rcnn = dict(rpn_anchor_generator=anchors, box_roi_pool=MultiScaleRoIAlign(levels, 7, 2), **transform)
+    width = kwargs.pop("representation_size", 1024)
+    rcnn = dict(rpn_anchor_generator=anchors, box_roi_pool=MultiScaleRoIAlign(levels, 7, 2),
+                box_head=TwoMLPHead(fpn_channels * 7 * 7, width), box_predictor=FastRCNNPredictor(width, num_classes),
+                **transform)
     if kind == "mask_rcnn":
-        return MaskRCNN(neck, num_classes, mask_roi_pool=MultiScaleRoIAlign(levels, 14, 2), **rcnn, **kwargs)
-    return FasterRCNN(neck, num_classes, **rcnn, **kwargs)
+        return MaskRCNN(neck, None, mask_roi_pool=MultiScaleRoIAlign(levels, 14, 2),
+                        mask_head=MaskRCNNHeads(fpn_channels, (fpn_channels,) * 4, 1),
+                        mask_predictor=MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes), **rcnn, **kwargs)
+    return FasterRCNN(neck, None, **rcnn, **kwargs)
 
 
 __all__ = ["build_detector", "anchor_generator", "head_spec", "HeadSpec", "HEADS"]

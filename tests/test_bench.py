@@ -83,6 +83,16 @@ def test_bench_keeps_going_past_a_size_the_model_refuses() -> None:
     assert len(df) == 1 and "divisible by 32" in df["error"].iloc[0]
 
 
+def test_cpu_clock_times_one_thread_and_restores_threads() -> None:
+    threads = torch.get_num_threads()
+    df = run_bench(["convnext_test"], [32], BenchSettings(batch_size=2, warmup=1, blocks=3, block_time=0.01,
+                                                          train=False, clock="cpu"))
+    assert df["clock"].iloc[0] == "cpu" and df["threads"].iloc[0] == 1 and df["infer_samples_per_sec"].iloc[0] > 0
+    assert torch.get_num_threads() == threads
+    with pytest.raises(ValueError, match="needs clock='wall'"):
+        BenchSettings(device="cuda", clock="cpu")
+
+
 def test_backbone_patterns_and_bad_names() -> None:
     assert resolve_backbones(["convnext_test", "convnext_t*"]) == ["convnext_test", "convnext_tiny"]
     with pytest.raises(ValueError, match=r"no registered backbone matches 'nothing_\*'"):

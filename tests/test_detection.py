@@ -191,8 +191,9 @@ def test_coco_maps_categories_reads_masks_and_drops_degenerate_boxes(tmp_path: P
     assert int(target["masks"][1].sum()) == 100 and target["masks"][0, 8, 10] == 1  # RLE and polygon
     crowd = dm.make_dataset("val")[1][1]
     assert crowd["iscrowd"].tolist() == [True] and len(train_ds[1][1]["boxes"]) == 0  # crowds: metric only
-    empty = train_ds[2][1]
-    assert empty["boxes"].shape == (0, 4) and empty["masks"].shape == (0, 64, 64)  # resized to the longer side 64
+    image, empty = train_ds[2]
+    assert image.shape == (3, 42, 64)  # the longer side resized to image_size, aspect kept
+    assert empty["boxes"].shape == (0, 4) and empty["masks"].shape == (0, 42, 64)
 
 
 def test_coco_bad_input_names_the_problem(tmp_path: Path) -> None:
@@ -243,7 +244,7 @@ def test_voc_reads_boxes_difficult_and_empty_images(tmp_path: Path) -> None:
     root = _write_voc(tmp_path)
     dm = VOCDetectionDataModule(task="detection", root=str(root), image_size=64, hflip=False, scales=[1.0])
     assert dm.class_names == ["Platelets", "RBC", "WBC"] and dm.num_classes == 4 and not dm.has_masks
-    with pytest.warns(UserWarning, match=r"dropped 1 of 3 boxes .*a\.xml"):
+    with pytest.warns(UserWarning, match=r"dropped 1 of 4 boxes .*a\.xml"):
         val = dm.make_dataset("val")  # falls back to the test list
     target = val[0][1]
     assert target["boxes"].tolist() == [[0, 0, 20, 10], [4, 4, 15, 15]]  # 1-based inclusive -> 0-based xyxy
@@ -279,14 +280,17 @@ def test_augmentation_moves_boxes_and_masks_with_the_image() -> None:
     target = {"boxes": torch.tensor([[0.0, 10.0, 20.0, 20.0], [5.0, 5.0, 5.0, 9.0]]), "labels": torch.tensor([1, 2]),
               "masks": torch.cat([masks, masks])}
     torch.manual_seed(0)
-    for _ in range(6):  # the flip is random: both outcomes are seen
-        out_image, out = detection_transforms(train=True, image_size=40, scales=(0.5, 1.0))(*to_tv(image, target))
+    lefts = set()
+    for _ in range(8):  # flip and scale are random
+        out_image, out = detection_transforms(train=True, image_size=80, scales=(0.5, 1.0))(*to_tv(image, target))
         h, w = out_image.shape[-2:]
-        assert w == 2 * h and w in (20, 40)  # longer side = image_size x scale, aspect kept
+        assert w == 2 * h and w in (40, 80)  # longer side = image_size x scale, aspect kept
         assert out["labels"].tolist() == [1] and out["masks"].shape == (1, h, w)  # the zero-width box is dropped
         x0, y0, x1, y1 = out["boxes"][0].round().long().tolist()
         assert out["masks"][0, y0:y1, x0:x1].float().mean() > 0.9 and out_image[0, y0:y1, x0:x1].mean() > 0.9
         assert out["masks"][0].sum() == (x1 - x0) * (y1 - y0)
+        lefts.add(x0 == 0)
+    assert lefts == {True, False}  # both flipped and unflipped images were seen
 
 
 # ------------------------------------------------------------------------------ real data (short)

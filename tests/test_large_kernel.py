@@ -87,8 +87,9 @@ def test_depthwise_dilation_and_errors() -> None:
 
 
 def test_default_strategy_follows_the_cpu_measurements() -> None:
-    assert [default_strategy(k, "cpu") for k in (9, 11, 13)] == ["plain"] * 3
-    assert [default_strategy(k, "cpu") for k in (3, 5, 7, 15, 27, 31)] == ["channels_last"] * 6
+    assert [default_strategy(k, "cpu", 56 * 56) for k in (3, 5, 7, 9, 13)] == ["plain"] * 5
+    assert [default_strategy(k, "cpu", 14 * 14) for k in (3, 5, 7, 9, 13)] == ["channels_last"] * 3 + ["plain"] * 2
+    assert [default_strategy(k, "cpu", 7 * 7) for k in (15, 27, 29, 31)] == ["channels_last"] * 4
     assert default_strategy(31, "cuda") == default_strategy(31, "meta") == "plain"
 
 

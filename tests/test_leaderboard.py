@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from arena.cli import main as cli_main
-from arena.leaderboard import build_leaderboard, pareto_front, write_leaderboard
+from arena.leaderboard import build_leaderboard, pareto_front
 from arena.records import RECORD_NAME, find_records, write_json_atomic
 
 Z = math.sqrt(1.5)  # z-scores of three equally spaced means: -sqrt(3/2), 0, +sqrt(3/2)

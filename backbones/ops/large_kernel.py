@@ -1,9 +1,10 @@
 """Depthwise 'same' convolution with large kernels, dispatched to the fastest strategy.
 
 On CPU, PyTorch's NCHW depthwise convolution leaves its fast path for kernels above 13x13
-(a 15x15 kernel is 10-50x slower than 13x13 there), while the channels-last path stays fast at
-every size. Channels-last also wins for kernels up to 7x7, but loses to NCHW for 9x9 to 13x13;
-FFT convolution loses to both at backbone resolutions (<= 56x56).
+(a 15x15 kernel is ~20x slower than a 13x13 one there), while the channels-last path stays fast at
+every size: channels-last is 14-40x faster above 13x13 and 1.5-2.6x slower at 13x13; up to 7x7
+it is 1.1-1.7x faster on maps of 14x14 and smaller and mostly slower on larger ones. FFT
+convolution is never the fastest at backbone resolutions (<= 56x56).
 ``benchmarks/large_kernel_conv.py`` measures the strategies side by side; ``default_strategy``
 encodes its result. Other devices use plain ``F.conv2d`` (cuDNN picks its own algorithm).
 
@@ -22,13 +23,19 @@ import torch.nn.functional as F
 from torch import nn
 
 STRATEGIES = ("plain", "channels_last", "fft")
-# Kernel sizes for which NCHW depthwise convolution is the fastest on CPU (channels-last elsewhere).
-CPU_NCHW_KERNELS = (9, 11, 13)
+# The largest kernel for which NCHW depthwise convolution stays on PyTorch's fast CPU path.
+CPU_NCHW_MAX_KERNEL = 13
+# Small kernels (up to this size) on small maps (up to this many pixels) are faster channels-last.
+CPU_SMALL_KERNEL, CPU_SMALL_MAP = 7, 14 * 14
 
 
-def default_strategy(kernel_size: int, device_type: str) -> str:
-    """The fastest measured strategy for a ``kernel_size`` depthwise conv on ``device_type``."""
-    if device_type == "cpu" and kernel_size not in CPU_NCHW_KERNELS:
+def default_strategy(kernel_size: int, device_type: str, pixels: int | None = None) -> str:
+    """The fastest measured strategy for a ``kernel_size`` depthwise conv on a map of ``pixels`` (H * W)."""
+    if device_type != "cpu":
+        return "plain"
+    if kernel_size > CPU_NCHW_MAX_KERNEL:
+        return "channels_last"
+    if kernel_size <= CPU_SMALL_KERNEL and pixels is not None and pixels <= CPU_SMALL_MAP:
         return "channels_last"
     return "plain"
 
@@ -53,7 +60,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """
     k = weight.shape[-1]
     if strategy is None:
-        strategy = default_strategy(k, x.device.type)
+        strategy = default_strategy(k, x.device.type, x.shape[-2] * x.shape[-1])
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES} or None, got {strategy!r}")
     if strategy == "fft":
@@ -123,5 +130,5 @@ def center_pad(kernel: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(kernel, [pad] * 4)
 
 
-__all__ = ["STRATEGIES", "CPU_NCHW_KERNELS", "default_strategy", "depthwise_conv2d", "DepthwiseConv2d",
-           "pop_bn", "pop_conv_bn", "dilate_kernel", "center_pad"]
+__all__ = ["STRATEGIES", "CPU_NCHW_MAX_KERNEL", "CPU_SMALL_KERNEL", "CPU_SMALL_MAP", "default_strategy",
+           "depthwise_conv2d", "DepthwiseConv2d", "pop_bn", "pop_conv_bn", "dilate_kernel", "center_pad"]

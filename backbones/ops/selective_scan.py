@@ -10,15 +10,16 @@ with ``delta = softplus(delta + delta_bias)`` when asked. Shapes follow ``mamba_
 (channel ``d`` uses group ``d // (d / g)``, as VMamba's four scan directions do), ``D,
 delta_bias: [d]``.
 
-``selective_scan`` needs no CUDA build and runs wherever PyTorch does: the sequence is cut into
-blocks of ``SCAN_BLOCK`` tokens carried one after the other (so memory stays bounded at any
-resolution), and each block is cut into chunks of ``SCAN_CHUNK`` tokens that are all advanced
-together, one step at a time, while the state entering each chunk comes from the same scan run
-over the chunks' end states. Python thus loops ``SCAN_CHUNK`` times, not once per token, and
-every decay factor is a product of numbers in ``[0, 1]``, never a quotient, so the scan cannot
-overflow whatever the decay rates (the cumulative-sum-in-log-space trick
-``exp(S_t) * cumsum(exp(-S_k) x_k)`` overflows once ``delta * A`` sums past ~88 inside a chunk). It computes in fp32 whatever the input dtype
-(also under bf16 autocast) and returns ``u``'s dtype.
+``selective_scan`` needs no CUDA build and runs wherever PyTorch does. The sequence is cut into
+blocks of ``SCAN_BLOCK`` tokens carried one after the other (memory stays bounded at any
+resolution); inside a block, tensors are time-major and cut into chunks of ``SCAN_CHUNK`` tokens
+that are all advanced together, one step at a time, while the state entering each chunk comes
+from the same scan run over the chunks' end states. Python thus loops ``SCAN_CHUNK`` times per
+block, not once per token, and every decay factor is a product of numbers in ``[0, 1]``, never
+a quotient, so the scan cannot overflow whatever the decay rates (the log-space trick
+``exp(S_t) * cumsum(exp(-S_k) x_k)`` overflows once ``delta * A`` sums past ~88 inside a chunk).
+It computes in fp32 whatever the input dtype (also under bf16 autocast) and returns ``u``'s
+dtype.
 
 It is a ``torch.library`` custom op, so ``FlopCounterMode`` sees one op with a registered FLOP
 formula (9 MACs per element of the state, as the VMamba authors count it, plus the skip and gate)
@@ -129,10 +130,12 @@ def _scan(dt: Tensor, A: Tensor, x: Tensor, C: Tensor | None, h0: Tensor | None)
 
     ``dt`` is [L, *batch], ``x`` [L, *batch, n], ``A`` broadcasts against ``dt[..., None]``,
     ``C`` is [L, *batch, n, 1] up to broadcasting. Returns the readout ``sum_n C_t h_t``
-    [L, *batch] (all states [L, *batch, n] when ``C`` is None) and the last state. The L steps are cut into chunks of ``SCAN_CHUNK``: a first walk
-    over the steps, all chunks at once, gives each chunk's end state from zero; the same scan
-    over those (decay: the chunk's total, ``exp(A * sum(dt))``) gives the state entering each
-    chunk; a second walk from there gives every state.
+    [L, *batch] (all states [L, *batch, n] when ``C`` is None) and the last state.
+
+    The steps are cut into chunks of ``SCAN_CHUNK``: a first walk over the steps, all chunks at
+    once, gives each chunk's end state from zero; the same scan over those (decay: the chunk's
+    total, ``exp(A * sum(dt))``) gives the state entering each chunk; a second walk from there
+    gives every state.
     """
     L = x.shape[0]
     if L > SCAN_CHUNK and L % SCAN_CHUNK:  # whole chunks, then the last few steps from where they end
