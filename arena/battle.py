@@ -15,6 +15,7 @@ into ``<battle dir>/leaderboard`` when the multirun ends.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import traceback
 from collections import Counter
@@ -76,6 +77,14 @@ def failed_record(cfg: DictConfig, run_dir: str | Path, error: BaseException, st
                        traceback="".join(traceback.format_exception(error)))
 
 
+def finish_wandb() -> None:
+    """End the active wandb run, if any: Lightning leaves it open, and the next cell in the same
+    process would otherwise log into it instead of starting its own run in the battle's group."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
 def run_cell(cfg: DictConfig, run_dir: str | Path, overrides: list[str], train_fn: TrainFn) -> dict[str, Any]:
     """Run one cell unless it is already done; returns its record (complete, skipped or failed).
 
@@ -102,6 +111,8 @@ def run_cell(cfg: DictConfig, run_dir: str | Path, overrides: list[str], train_f
         record = failed_record(cfg, run_dir, e, started)
         write_record(run_dir, record)
         return record
+    finally:
+        finish_wandb()
 
 
 def tally(root: str | Path) -> Counter:

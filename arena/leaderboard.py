@@ -197,7 +197,7 @@ def display_table(board: Leaderboard) -> pd.DataFrame:
         elif c == "rank":
             out[c] = [_fmt(None if not np.isfinite(r) else int(r)) for r in t[c]]
         else:
-            out[c] = [_fmt(v, 1 if "per_sec" in c or "mem" in c else 3) for v in t[c]]
+            out[c] = [_fmt(v, 1 if "per_sec" in c or "mem" in c else 4 if c == "gflops" else 3) for v in t[c]]
     return out
 
 

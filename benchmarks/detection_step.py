@@ -40,6 +40,7 @@ def main() -> None:
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["task=detection", "logger=none", "trainer.accelerator=cpu",
+                                                      "paths.output_dir=/tmp/detection_step",
                                                       *overrides])
     run = build_run(cfg, "/tmp/detection_step")
     module, dm = run.module, run.datamodule
@@ -63,7 +64,8 @@ def main() -> None:
         bare.append(t3 - t2)
     med = statistics.median
     print(f"data={cfg.data.name} backbone={cfg.backbone.name} head={cfg.task.head} batch={dm.batch_size} "
-          f"image_size={cfg.data.image_size} workers={dm.num_workers} steps={args.steps} threads={torch.get_num_threads()}")
+          f"image_size={cfg.data.image_size} workers={dm.num_workers} steps={args.steps} "
+          f"threads={torch.get_num_threads()}")
     print(f"{'':24s}{'median s/step':>14s}")
     print(f"{'run step (data + model)':24s}{med(step):14.3f}")
     print(f"{'  data loading + aug':24s}{med(data):14.3f}")

@@ -121,7 +121,7 @@ def build_detector(kind: str, *, backbone: Backbone, num_classes: int, image_siz
         return RetinaNet(neck, num_classes, anchor_generator=anchors, head=head, **transform, **kwargs)
     if kind == "fcos":
         return FCOS(neck, num_classes, anchor_generator=anchors, **transform, **kwargs)
-    levels = [n for n, s in zip(neck.names, neck.strides) if n != "pool"]
+    levels = [n for n in neck.names if n != "pool"]  # RoIs are pooled from the FPN levels proper
     width = kwargs.pop("representation_size", 1024)
     rcnn = dict(rpn_anchor_generator=anchors, box_roi_pool=MultiScaleRoIAlign(levels, 7, 2),
                 box_head=TwoMLPHead(fpn_channels * 7 * 7, width), box_predictor=FastRCNNPredictor(width, num_classes),

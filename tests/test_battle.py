@@ -80,6 +80,21 @@ def test_resume_only_from_a_checkpoint_of_the_same_config(make_cfg, tmp_path: Pa
     assert resumable_checkpoint(tmp_path, config_hash(cfg)) is None
 
 
+def test_each_cell_is_its_own_wandb_run_in_the_battle_group(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for seed in (0, 1):
+        cell = tmp_path / f"seed{seed}"
+        cfg = make_cfg("experiment=battle", "logger=wandb", "backbone=convnext_test", "task=classification",
+                       f"seed={seed}", "data.num_train=16", "data.num_val=16", "data.num_test=16",
+                       "data.batch_size=16", "trainer.max_epochs=1", run_dir=cell)
+        assert run_cell(cfg, cell, [], train_script.train)["status"] == "complete"
+    runs = [list((tmp_path / f"seed{s}" / "wandb").glob("offline-run-*")) for s in (0, 1)]
+    assert [len(r) for r in runs] == [1, 1]
+    for r in runs:
+        assert any(b"battle-default" in p.read_bytes() for p in r[0].glob("*.wandb"))  # the run's group
+
+
 def _multirun(log_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``python train.py -m experiment=battle_test ...`` in this process."""
     monkeypatch.setattr(sys, "argv", ["train.py", "-m", f"--config-path={ROOT / 'conf'}", "experiment=battle_test", "logger=csv", "~logger.wandb",

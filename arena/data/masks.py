@@ -53,12 +53,7 @@ def load_mask(path: Path) -> np.ndarray:
 
 
 class SegmentationFiles(Dataset):
-    """``(image, mask)`` pairs of files, checked when read, with joint v2 ``transforms``.
-
-    >>> ds = SegmentationFiles([], num_classes=3, ignore_index=255, transforms=None)
-    >>> len(ds)
-    0
-    """
+    """``(image, mask)`` pairs of files, checked when read, with joint v2 ``transforms``."""
 
     def __init__(self, pairs: Sequence[tuple[Path, Path]], *, num_classes: int, ignore_index: int,
                  transforms: Callable | None) -> None:

@@ -46,6 +46,7 @@ class VOCRecord:
     names: list[str]
     boxes: torch.Tensor  # [N, 4] xyxy, 0-based
     difficult: torch.Tensor  # [N] bool
+    degenerate: torch.Tensor  # [N] bool: VOC corners with xmax <= xmin or ymax <= ymin
 
 
 def _text(node: ET.Element, tag: str, xml: Path) -> str:
@@ -72,9 +73,10 @@ def parse_voc_xml(xml: Path) -> VOCRecord:
         if box is None:
             raise ValueError(f"{xml}: an <object> lacks <bndbox>")
         boxes.append([float(_text(box, k, xml)) for k in ("xmin", "ymin", "xmax", "ymax")])
-    boxes_t = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) - torch.tensor([1.0, 1.0, 0.0, 0.0])
+    corners = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     difficult = torch.tensor([o.findtext("difficult", default="0").strip() == "1" for o in objects], dtype=torch.bool)
-    return VOCRecord(xml, filename, names, boxes_t, difficult)
+    return VOCRecord(xml, filename, names, corners - torch.tensor([1.0, 1.0, 0.0, 0.0]), difficult,
+                     degenerate(corners))
 
 
 class VOCDetectionDataset(DetectionDataset):
@@ -94,7 +96,7 @@ class VOCDetectionDataset(DetectionDataset):
             unknown = sorted(set(r.names) - set(label_of))
             if unknown:
                 raise ValueError(f"{r.xml}: classes {unknown} are not in data.classes {list(class_names)}")
-            keep = ~degenerate(r.boxes)
+            keep = ~r.degenerate
             if not keep.all():
                 dropped, where = dropped + int((~keep).sum()), where + [r.xml.name]
             total += len(r.names)
