@@ -148,6 +148,12 @@ def maxvit_test(**kw: Any) -> Backbone:
 
 
 @register_backbone(family="multi-axis")
+def maxvit_pico(**kw: Any) -> Backbone:
+    """timm's smallest MaxViT (7.5M), for CPU-sized comparisons."""
+    return _timm("maxvit_pico_rw_256", "multi-axis", **{"img_size": 256, **kw})
+
+
+@register_backbone(family="multi-axis")
 def maxvit_tiny(**kw: Any) -> Backbone:
     return _timm("maxvit_tiny_tf_224", "multi-axis", **{"img_size": 224, **kw})
 

@@ -25,6 +25,21 @@ from backbones.ops.large_kernel import STRATEGIES, default_strategy, depthwise_c
 STAGES = ((128, 56), (256, 28), (512, 14), (1024, 7))  # (channels, resolution) at a 224 input
 
 
+def timing_args(description: str | None, **extra: dict) -> argparse.Namespace:
+    """Parse the options the large-kernel benchmarks share (batch, repeats, threads) plus ``extra``
+    (name -> ``add_argument`` keywords), and apply ``--threads``."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's choice)")
+    for name, kw in extra.items():
+        p.add_argument(f"--{name}", **kw)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
     """Best-of-``repeats`` seconds of each callable, run round-robin so load changes hit all alike.
 
@@ -46,14 +61,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--kernels", type=int, nargs="+", default=[7, 13, 17, 31])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's choice)")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = timing_args(__doc__, kernels=dict(type=int, nargs="+", default=[7, 13, 17, 31]))
     print(f"depthwise conv, batch {args.batch}, {torch.get_num_threads()} threads, CPU, "
           f"best of {args.repeats} (ms); speed-up = plain / strategy")
     head = "".join(f"{s:>15}" for s in STRATEGIES) + "".join(f"{'x ' + s:>16}" for s in STRATEGIES[1:])

@@ -13,7 +13,6 @@ branches; RepLKNet: stage-1 31x31 + 5x5 large-kernel conv), on its input shape.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backbones import create_backbone  # noqa: E402
 from backbones.replknet import RepLKNet  # noqa: E402
-from large_kernel_conv import time_interleaved  # noqa: E402
+from large_kernel_conv import time_interleaved, timing_args  # noqa: E402
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
@@ -52,15 +51,8 @@ def token_mixer(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["unireplknet_t", "replknet_31b"])
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's choice)")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = timing_args(__doc__, models=dict(nargs="+", default=["unireplknet_t", "replknet_31b"]),
+                       size=dict(type=int, default=224))
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     print(f"inference, batch {args.batch} at {args.size}x{args.size}, {torch.get_num_threads()} threads, CPU, "
           f"best of {args.repeats}")

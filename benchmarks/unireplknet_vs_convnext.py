@@ -9,7 +9,6 @@ ConvNeXt-T. Read the ratios: absolute times move with the machine's load.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,18 +17,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from arena.bench import count_flops, count_params  # noqa: E402
 from backbones import create_backbone  # noqa: E402
-from large_kernel_conv import time_interleaved  # noqa: E402
+from large_kernel_conv import time_interleaved, timing_args  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's choice)")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = timing_args(__doc__, size=dict(type=int, default=224))
     torch.manual_seed(0)
     models = {"convnext_tiny": create_backbone("convnext_tiny").eval(),
               "unireplknet_t (train form)": create_backbone("unireplknet_t").eval(),

@@ -140,7 +140,7 @@ def test_battle_config_covers_every_family_and_existing_tasks(make_cfg) -> None:
         assert (ROOT / "conf" / "task" / f"{task}.yaml").exists(), task
     assert cfg.logger.wandb.group == "battle-default" and cfg.logger.wandb.offline
     assert cfg.hydra.sweep.dir == f"{cfg.paths.log_dir}/battles/default"
-    assert cfg.hydra.sweep.subdir == "classification/shapes/fine_tune/convnext_atto/seed0"
+    assert cfg.hydra.sweep.subdir == f"classification/shapes/fine_tune/{cfg.backbone.name}/seed0"
     assert cfg.hydra.callbacks.battle._target_ == "arena.battle.BattleCallback"
 
 

@@ -90,7 +90,8 @@ def test_record_schema_and_hash(make_cfg, tmp_path: Path) -> None:
 def test_wandb_logger_offline(make_cfg, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = make_cfg("backbone=convnext_test", "logger=wandb", "trainer.fast_dev_run=true")
+    cfg = make_cfg("backbone=convnext_test", "logger=wandb", "trainer.max_epochs=1",  # fast_dev_run mutes loggers
+                   "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
     train(cfg, tmp_path)
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     assert (tmp_path / RECORD_NAME).exists()

@@ -152,7 +152,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         image = raw.float() / 255.0 if self.view == "detection" else normalize(raw, self.mean, self.std)
         semantic = torch.from_numpy(s.semantic).long()
         boxes, masks = torch.from_numpy(s.boxes), torch.from_numpy(s.masks)
-        flip = self.hflip and np.random.default_rng((self.seed, 99, index)).random() < 0.5
+        flip = self.hflip and bool(torch.rand(()) < 0.5)  # torch's RNG: seeded per run and worker by Lightning
         if flip:
             image, semantic, masks = image.flip(-1), semantic.flip(-1), masks.flip(-1)
             boxes = torch.stack([self.size - boxes[:, 2], boxes[:, 1], self.size - boxes[:, 0], boxes[:, 3]], 1)

@@ -77,13 +77,25 @@ class TaskModule(L.LightningModule):
             g["lr_scale"] = g.get("lr_scale", 1.0) * self.opt_cfg["backbone_lr_scale"]
         return groups
 
+    def _head_groups(self) -> list[dict[str, Any]]:
+        """Every trainable parameter outside the backbone, with timm's no-decay rule for norms and biases.
+
+        Parameters are taken by identity, so a head that holds the backbone (torchvision's detectors
+        do) does not group it twice.
+        """
+        in_backbone = {id(p) for p in self.backbone.parameters()}
+        decay, no_decay = [], []
+        for n, p in self.named_parameters():
+            if id(p) in in_backbone or not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or n.endswith(".bias") else decay).append(p)
+        return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": self.opt_cfg["weight_decay"]}]
+
     def configure_optimizers(self) -> dict[str, Any]:
-        from timm.optim import create_optimizer_v2, param_groups_weight_decay
+        from timm.optim import create_optimizer_v2
         from timm.scheduler import CosineLRScheduler
 
-        head_modules = nn.ModuleDict({n: m for n, m in self.named_children() if n != "backbone"})
-        groups = self._backbone_groups() + param_groups_weight_decay(head_modules, self.opt_cfg["weight_decay"])
-        groups = [g for g in groups if g["params"]]
+        groups = [g for g in self._backbone_groups() + self._head_groups() if g["params"]]
         opt = create_optimizer_v2(groups, opt=self.opt_cfg["optimizer"], lr=self.opt_cfg["lr"],
                                   weight_decay=self.opt_cfg["weight_decay"])
         total = max(1, int(self.trainer.estimated_stepping_batches))

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
@@ -63,16 +62,6 @@ class DetectionTask(TaskModule):
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Predictions (``boxes``, ``labels``, ``scores``, ``masks`` for Mask R-CNN) in input pixels."""
         return self.detector(images)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        # torchvision's detectors own their backbone; the base groups it once, as ``backbone`` (with
-        # layer decay and its LR scale), so the detector is grouped with its body set aside.
-        neck = self.detector.backbone
-        body, neck.body = neck.body, nn.Identity()
-        try:
-            return super().configure_optimizers()
-        finally:
-            neck.body = body
 
     def _check_targets(self, targets: list[dict[str, torch.Tensor]]) -> None:
         if self.masks and any("masks" not in t for t in targets):
@@ -148,11 +137,13 @@ class DetectionTask(TaskModule):
                 masks = pred["masks"][keep, 0].cpu() > 0.5
                 canvas = draw_segmentation_masks(canvas, masks.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2),
                                                  alpha=0.4)
-            canvas = draw_bounding_boxes(canvas, target["boxes"] * zoom, colors="lime", width=2,
-                                         labels=[names[k - 1] for k in target["labels"].tolist()])
-            canvas = draw_bounding_boxes(canvas, pred["boxes"][keep].cpu() * zoom, colors="red", width=2,
-                                         labels=[f"{names[k - 1]} {s:.2f}" for k, s in
-                                                 zip(pred["labels"][keep].tolist(), pred["scores"][keep].tolist())])
+            if len(target["boxes"]):
+                canvas = draw_bounding_boxes(canvas, target["boxes"] * zoom, colors="lime", width=2,
+                                             labels=[names[k - 1] for k in target["labels"].tolist()])
+            if keep.any():
+                canvas = draw_bounding_boxes(canvas, pred["boxes"][keep].cpu() * zoom, colors="red", width=2,
+                                             labels=[f"{names[k - 1]} {s:.2f}" for k, s in
+                                                     zip(pred["labels"][keep].tolist(), pred["scores"][keep].tolist())])
             paths.append(out_dir / f"{i:04d}.png")
             write_png(canvas, str(paths[-1]))
         return paths
