@@ -114,14 +114,17 @@ def render_scene(rng: np.random.Generator, *, size: int = 64, max_distractors: i
 class ShapesDataset(torch.utils.data.Dataset):
     """``length`` scenes of one split; ``view`` picks the label format of a task.
 
-    Rendered scenes are kept in memory (``cache=True``): every epoch after the first costs
-    no rendering.
+    With ``fresh=True`` (the training split by default) every item is a new scene drawn with
+    torch's RNG (seeded per run and worker by Lightning), so no scene is seen twice and a model
+    cannot memorize the training set; otherwise scenes are fixed by index and kept in memory
+    (``cache=True``).
     """
 
     VIEWS = ("classification", "detection", "segmentation")
 
     def __init__(self, *, split: str, length: int, image_size: int, view: str, seed: int = 0,
-                 mean: tuple[float, ...], std: tuple[float, ...], hflip: bool = False, cache: bool = True) -> None:
+                 mean: tuple[float, ...], std: tuple[float, ...], hflip: bool = False, cache: bool = True,
+                 fresh: bool = False) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
         if view not in self.VIEWS:
@@ -130,7 +133,8 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"shapes needs image_size >= 32, got {image_size}")
         self.split, self.length, self.size, self.view = split, length, image_size, view
         self.seed, self.mean, self.std, self.hflip = seed, mean, std, hflip
-        self.cache: dict[int, Scene] | None = {} if cache else None
+        self.fresh = fresh
+        self.cache: dict[int, Scene] | None = {} if cache and not fresh else None
 
     def __len__(self) -> int:
         return self.length
@@ -146,7 +150,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        s = self.scene(index)
+        s = self.scene(self.length + int(torch.randint(0, 2**31 - 1, ())) if self.fresh else index)
         raw = torch.from_numpy(s.image).permute(2, 0, 1)
         # torchvision's detectors normalise inside (GeneralizedRCNNTransform): detection takes [0, 1] images
         image = raw.float() / 255.0 if self.view == "detection" else normalize(raw, self.mean, self.std)
@@ -168,11 +172,12 @@ class ShapesDataModule(ArenaDataModule):
     """The embedded default data: generated on the fly, identical for a given seed."""
 
     def __init__(self, *, task: str, image_size: int = 64, num_train: int = 4000, num_val: int = 500,
-                 num_test: int = 1000, seed: int = 0, hflip: bool = True, **kwargs: Any) -> None:
+                 num_test: int = 1000, seed: int = 0, hflip: bool = True, fresh_train: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(task=task, tasks=ShapesDataset.VIEWS, **kwargs)
         self.image_size_ = image_size
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
-        self.seed, self.hflip = seed, hflip
+        self.seed, self.hflip, self.fresh_train = seed, hflip, fresh_train
         self.class_names = list(CLASSES)
         if task == "segmentation":
             self.class_names = ["background", *CLASSES]
@@ -184,7 +189,8 @@ class ShapesDataModule(ArenaDataModule):
 
     def make_dataset(self, split: str) -> ShapesDataset:
         return ShapesDataset(split=split, length=self.sizes[split], image_size=self.image_size_, view=self.task,
-                             seed=self.seed, mean=self.mean, std=self.std, hflip=self.hflip and split == "train")
+                             seed=self.seed, mean=self.mean, std=self.std, hflip=self.hflip and split == "train",
+                            fresh=self.fresh_train and split == "train")
 
     @property
     def collate_fn(self) -> Callable | None:
