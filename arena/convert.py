@@ -10,12 +10,11 @@ and ``source``. It is written atomically and never replaces an existing file unl
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .records import atomic_path
 
 if TYPE_CHECKING:
     from backbones._weights import LoadReport
@@ -67,14 +66,8 @@ def convert(
         "producer": f"backbone-arena {__version__}",
     }
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return report, metadata
 
 

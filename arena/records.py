@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -51,21 +52,30 @@ def library_versions() -> dict[str, str]:
             "timm": timm.__version__, "lightning": lightning.__version__, "backbone_arena": arena.__version__}
 
 
-def write_json_atomic(path: str | Path, data: dict[str, Any]) -> Path:
-    """Write JSON so readers see the old file or the new one, never a torn one."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` that replaces it only when the block succeeds.
+
+    Readers see the old file or the new one, never a torn one; a failed write leaves no trace.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+
+def write_json_atomic(path: str | Path, data: dict[str, Any]) -> Path:
+    """Write JSON atomically (see ``atomic_path``), synced to disk before it replaces the old file."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
 
 
 def make_record(*, stage: str, status: str, cfg: DictConfig, family: str, metrics: dict[str, float],

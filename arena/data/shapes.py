@@ -190,7 +190,7 @@ class ShapesDataModule(ArenaDataModule):
     def make_dataset(self, split: str) -> ShapesDataset:
         return ShapesDataset(split=split, length=self.sizes[split], image_size=self.image_size_, view=self.task,
                              seed=self.seed, mean=self.mean, std=self.std, hflip=self.hflip and split == "train",
-                            fresh=self.fresh_train and split == "train")
+                             fresh=self.fresh_train and split == "train")
 
     @property
     def collate_fn(self) -> Callable | None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import torch
-from torch import nn
 
 from backbones import Backbone, SimpleFeaturePyramid
 
@@ -72,7 +70,6 @@ class TaskModule(L.LightningModule):
             groups = param_groups_layer_decay(self.backbone, weight_decay=wd, no_weight_decay_list=nwd, layer_decay=ld)
         else:
             groups = param_groups_weight_decay(self.backbone, weight_decay=wd, no_weight_decay_list=nwd)
-        groups = [g for g in groups if g["params"]]
         for g in groups:
             g["lr_scale"] = g.get("lr_scale", 1.0) * self.opt_cfg["backbone_lr_scale"]
         return groups
