@@ -20,17 +20,21 @@ import time
 import traceback
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from hydra.experimental.callback import Callback
 from hydra.utils import get_class
 from omegaconf import DictConfig, open_dict
 
-from .records import RECORD_NAME, config_hash, find_records, make_record, read_record, write_record
+from .records import RECORD_NAME, atomic_path, config_hash, find_records, make_record, read_record, write_record
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
 TrainFn = Callable[[DictConfig, Path, list[str]], dict[str, Any]]
+BENCH_NAME = "bench.csv"  # the battle's efficiency measurements, beside its cells
 
 
 def existing_record(run_dir: str | Path) -> dict[str, Any] | None:
@@ -121,10 +125,41 @@ def tally(root: str | Path) -> Counter:
 
 
 class BattleCallback(Callback):
-    """At the end of a multirun: report complete/failed cells and write the leaderboard."""
+    """At the end of a multirun: report complete/failed cells and write the leaderboard.
 
-    def __init__(self, out_subdir: str = "leaderboard") -> None:
+    With ``bench_sizes``, the battle's backbones are also measured by ``arena bench`` at those
+    resolutions (``bench_settings``: ``BenchSettings`` fields) into ``<battle dir>/bench.csv``,
+    which gives the leaderboard its throughput and memory columns and the scaling plot. A
+    ``bench.csv`` that already covers every backbone and size is reused, so re-running a finished
+    battle neither re-measures nor changes its numbers.
+    """
+
+    def __init__(self, out_subdir: str = "leaderboard", bench_sizes: Sequence[int] = (),
+                 bench_settings: dict[str, Any] | None = None) -> None:
         self.out_subdir = out_subdir
+        self.bench_sizes = [int(s) for s in bench_sizes]
+        self.bench_settings = dict(bench_settings or {})
+
+    def bench(self, root: Path, backbones: Sequence[str]) -> pd.DataFrame | None:
+        """``arena bench`` rows of ``backbones`` at ``bench_sizes``, from ``root/bench.csv`` or measured into it."""
+        import pandas as pd
+
+        from .bench import BenchSettings, run_bench
+
+        if not self.bench_sizes:
+            return None
+        path = root / BENCH_NAME
+        want = {(b, s) for b in backbones for s in self.bench_sizes}
+        if path.is_file():
+            old = pd.read_csv(path)
+            if want <= set(zip(old["model"], old["infer_img_size"])):
+                log.info("reusing %s", path)
+                return old
+        log.info("benchmarking %d backbones at %s px", len(backbones), self.bench_sizes)
+        bench = run_bench(sorted(backbones), self.bench_sizes, BenchSettings(**self.bench_settings))
+        with atomic_path(path) as tmp:
+            bench.to_csv(tmp, index=False)
+        return bench
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from .leaderboard import build_leaderboard, write_leaderboard
@@ -133,6 +168,8 @@ class BattleCallback(Callback):
         counts = tally(root)
         log.info("battle %s: %d complete, %d failed", root, counts["complete"], counts["failed"])
         if counts["complete"]:
-            board = build_leaderboard(find_records(root))
+            records = list(find_records(root))
+            bench = self.bench(root, sorted({r["backbone"] for r in records if r["status"] == "complete"}))
+            board = build_leaderboard(records, bench)
             for path in write_leaderboard(board, root / self.out_subdir):
                 log.info("wrote %s", path)

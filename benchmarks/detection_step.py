@@ -2,8 +2,8 @@
 
     python benchmarks/detection_step.py [--steps 10] [hydra overrides, e.g. data=bccd_voc task.head=fcos]
 
-The run is composed like ``train.py task=detection <overrides>`` (default: shapes, convnext_atto,
-Faster R-CNN). Each timed step takes the next batch from the run's own training loader (data
+The run is composed like ``train.py task=detection <overrides>`` (by default that run: shapes,
+fastvit_t8, FCOS). Each timed step takes the next batch from the run's own training loader (data
 loading and augmentation) and does forward, backward and an AdamW step; the bare model step
 repeats forward, backward and the optimiser step on one fixed batch. Steps alternate between the
 two so that the machine's load affects both alike. Printed: medians of wall time per step, the

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
@@ -115,6 +116,9 @@ def test_killed_battle_reruns_only_unfinished_cells(tmp_path: Path, monkeypatch:
     assert all(json.loads(t)["status"] == "complete" for t in first.values())
     assert (battle / "leaderboard" / "leaderboard.html").stat().st_size > 0
     assert all((d / "checkpoints" / "last.ckpt").exists() for d in cells.values())
+    bench = (battle / "bench.csv").read_text()  # the efficiency columns, measured once
+    board = pd.read_csv(battle / "leaderboard" / "leaderboard.csv")
+    assert board.loc[0, "backbone"] == "convnext_test" and board.loc[0, "infer_samples_per_sec"] > 0
 
     (cells[1] / RECORD_NAME).unlink()  # killed after its checkpoint, before its record
     failed = json.loads(first[2]) | {"status": "failed", "error": "RuntimeError: killed", "metrics": {}}
@@ -128,6 +132,7 @@ def test_killed_battle_reruns_only_unfinished_cells(tmp_path: Path, monkeypatch:
         assert redone["config_hash"] == json.loads(first[s])["config_hash"]
         assert redone["metrics"]["acc1"] == pytest.approx(json.loads(first[s])["metrics"]["acc1"])
     assert not list(battle.rglob(".metrics.json.*"))  # no torn temporary files left
+    assert (battle / "bench.csv").read_text() == bench  # reused, not re-measured
 
 
 def test_battle_config_covers_every_family_and_existing_tasks(make_cfg) -> None:

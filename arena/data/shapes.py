@@ -1,7 +1,7 @@
 """``shapes``: the embedded dataset, procedurally generated scenes with all three kinds of label.
 
 Each scene is a textured background (two-colour oriented stripes plus noise) with one large
-object and 1-4 smaller distractors of random class, colour, scale and rotation, drawn in random
+object and 1-3 smaller distractors of random class, colour, scale and rotation, drawn in random
 order so that objects occlude each other. One scene gives:
 
 - ``label``: the class of the largest object (classification),
@@ -28,6 +28,9 @@ from .base import ArenaDataModule, detection_collate, normalize
 CLASSES = ("circle", "triangle", "square", "star", "cross", "ring")
 SPLITS = {"train": 0, "val": 1, "test": 2}
 MIN_VISIBLE_FRACTION = 0.004  # of the image area, below which an occluded instance is dropped
+CONTRAST = 150.0  # least grey-level step from the background to an object
+CHROMA = 30.0  # std of the colour tint around a grey level
+TEXTURE = 30.0  # std of the colour step between the two background stripes
 
 
 @dataclass
@@ -64,21 +67,32 @@ def _inside(cls: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
     raise ValueError(f"unknown shape class {cls!r}; classes are {CLASSES}")
 
 
-def _background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+def _background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray,
+                level: float) -> np.ndarray:
+    """Oriented stripes between two tints of grey ``level`` plus pixel noise."""
+    c0 = level + rng.normal(0, CHROMA, 3)
+    c1 = c0 + rng.normal(0, TEXTURE, 3)
     theta, freq = rng.uniform(0, np.pi), rng.uniform(1.0, 6.0) * 2 * np.pi / size
     t = 0.5 + 0.5 * np.sin(freq * (xx * np.cos(theta) + yy * np.sin(theta)) + rng.uniform(0, 2 * np.pi))
     img = c0 * t[..., None] + c1 * (1 - t[..., None])
-    return img + rng.normal(0, rng.uniform(4, 20), img.shape)
+    return img + rng.normal(0, rng.uniform(2, 12), img.shape)
 
 
-def render_scene(rng: np.random.Generator, *, size: int = 64, max_distractors: int = 4) -> Scene:
-    """Draw one scene; see the module docstring for what it contains."""
+def render_scene(rng: np.random.Generator, *, size: int = 64, max_distractors: int = 3,
+                 distractor_scale: tuple[float, float] = (0.08, 0.5)) -> Scene:
+    """Draw one scene; see the module docstring for what it contains.
+
+    Distractor radii are drawn from ``distractor_scale`` times the main object's radius. Objects
+    stand out by brightness: on a dark background they are bright, on a bright one dark, each
+    at least ``CONTRAST`` grey levels away, with their own tint.
+    """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    img = _background(rng, size, yy, xx)
+    level = rng.uniform(0, 255)
+    img = _background(rng, size, yy, xx, level)
+    polarity = 1.0 if level < 127.5 else -1.0
     n = 1 + int(rng.integers(1, max_distractors + 1))
     main_r = rng.uniform(0.17, 0.30) * size
-    radii = [main_r] + [rng.uniform(0.08, 0.62) * main_r for _ in range(n - 1)]
+    radii = [main_r] + [rng.uniform(*distractor_scale) * main_r for _ in range(n - 1)]
     classes = rng.integers(0, len(CLASSES), n)
     owner = np.full((size, size), -1, dtype=np.int64)
     for i in rng.permutation(n):
@@ -88,7 +102,8 @@ def render_scene(rng: np.random.Generator, *, size: int = 64, max_distractors: i
         dx, dy = xx - cx, yy - cy
         u, v = dx * np.cos(rot) + dy * np.sin(rot), -dx * np.sin(rot) + dy * np.cos(rot)
         shape = _inside(CLASSES[classes[i]], u, v, r)
-        colour = rng.uniform(0, 255, 3) + rng.normal(0, 6, (size, size, 3))
+        grey = np.clip(level + polarity * rng.uniform(CONTRAST, 255), 0, 255)
+        colour = grey + rng.normal(0, CHROMA, 3) + rng.normal(0, 6, (size, size, 3))
         img = np.where(shape[..., None], colour, img)
         owner[shape] = i
     masks, keep = [], []
