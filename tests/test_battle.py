@@ -159,3 +159,20 @@ def test_slurm_launcher_config_composes(make_cfg) -> None:
     assert OmegaConf.select(cfg, "hydra.launcher.name") == "arena-default"
     local = make_cfg("experiment=battle_test", "hydra/launcher=local").hydra.launcher
     assert get_class(local._target_).__name__ == "LocalLauncher"
+
+
+def test_cells_run_as_separate_processes_through_submitits_local_launcher(tmp_path: Path) -> None:
+    """The SLURM path without SLURM: each cell a submitit job, records and leaderboard as usual."""
+    import subprocess
+
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=battle_test", "hydra/launcher=local",
+           "backbone=convnext_test", "task=classification", "seed=0,1", f"paths.log_dir={tmp_path}", "logger=csv",
+           "~logger.wandb", "trainer.accelerator=cpu"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    battle = tmp_path / "battles" / "test"
+    records = [read_record(battle / "classification" / "shapes" / "fine_tune" / "convnext_test" / f"seed{s}")
+               for s in (0, 1)]
+    assert [r["status"] for r in records] == ["complete", "complete"] and records[0]["seed"] == 0
+    assert len(list((battle / ".submitit").glob("*/*_result.pkl"))) == 2  # two submitit jobs ran them
+    assert (battle / "leaderboard" / "leaderboard.csv").stat().st_size > 0
