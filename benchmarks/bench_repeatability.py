@@ -1,6 +1,6 @@
 """How well repeated `arena bench` measurements of the same cell agree.
 
-    python benchmarks/bench_repeatability.py convnext_atto mambaout_femto --img-size 64 --repeats 5 [--clock cpu]
+    python benchmarks/bench_repeatability.py convnext_atto mambaout_femto --img-size 64 --repeats 5 [--clock cpu | --device cuda]
 
 Each repeat builds the model afresh and measures it as `arena bench` does (median of timed
 blocks); the script prints every repeat's throughput and the spread across repeats,
@@ -24,9 +24,10 @@ def main() -> None:
     p.add_argument("--block-time", type=float, default=0.5)
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    p.add_argument("--device", default="cpu", help="e.g. cuda (timed with the wall clock, synchronised)")
     args = p.parse_args()
     settings = BenchSettings(batch_size=args.batch_size, blocks=args.blocks, block_time=args.block_time,
-                             train=not args.no_train, clock=args.clock)
+                             train=not args.no_train, clock=args.clock, device=args.device)
     keys = ["infer_samples_per_sec"] + ([] if args.no_train else ["train_samples_per_sec"])
     print(f"{'model':<18} {'column':<22} {'median':>9} {'spread':>7}  repeats (img/s)")
     for name in resolve_backbones(args.backbones):
