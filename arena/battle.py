@@ -26,7 +26,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import get_class
 from omegaconf import DictConfig, open_dict
 
-from .records import RECORD_NAME, atomic_path, config_hash, find_records, make_record, read_record, write_record
+from .records import RECORD_NAME, config_hash, find_records, make_record, read_record, write_record
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -119,11 +119,6 @@ def run_cell(cfg: DictConfig, run_dir: str | Path, overrides: list[str], train_f
         finish_wandb()
 
 
-def tally(root: str | Path) -> Counter:
-    """How many records under ``root`` are complete and how many failed."""
-    return Counter(r["status"] for r in find_records(root))
-
-
 class BattleCallback(Callback):
     """At the end of a multirun: report complete/failed cells and write the leaderboard.
 
@@ -144,7 +139,7 @@ class BattleCallback(Callback):
         """``arena bench`` rows of ``backbones`` at ``bench_sizes``, from ``root/bench.csv`` or measured into it."""
         import pandas as pd
 
-        from .bench import BenchSettings, run_bench
+        from .bench import BenchSettings, run_bench, write_bench_csv
 
         if not self.bench_sizes:
             return None
@@ -157,18 +152,17 @@ class BattleCallback(Callback):
                 return old
         log.info("benchmarking %d backbones at %s px", len(backbones), self.bench_sizes)
         bench = run_bench(sorted(backbones), self.bench_sizes, BenchSettings(**self.bench_settings))
-        with atomic_path(path) as tmp:
-            bench.to_csv(tmp, index=False)
+        write_bench_csv(bench, path)
         return bench
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from .leaderboard import build_leaderboard, write_leaderboard
 
         root = Path(config.hydra.sweep.dir)
-        counts = tally(root)
+        records = list(find_records(root))
+        counts = Counter(r["status"] for r in records)
         log.info("battle %s: %d complete, %d failed", root, counts["complete"], counts["failed"])
         if counts["complete"]:
-            records = list(find_records(root))
             bench = self.bench(root, sorted({r["backbone"] for r in records if r["status"] == "complete"}))
             board = build_leaderboard(records, bench)
             for path in write_leaderboard(board, root / self.out_subdir):

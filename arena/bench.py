@@ -39,6 +39,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from .records import atomic_path
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -293,6 +295,13 @@ def run_bench(names: Sequence[str], img_sizes: Sequence[int], settings: BenchSet
     return pd.DataFrame(rows).reindex(columns=list(COLUMNS))
 
 
+def write_bench_csv(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write ``run_bench`` rows to ``path`` atomically: an earlier file survives a failed write whole."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+    return Path(path)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(batch_size=args.batch_size, device=args.device, precision=args.precision,
                              channels_last=args.channels_last, compile=args.compile, warmup=args.warmup,
@@ -312,8 +321,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     df = run_bench(args.backbones, args.img_size, settings, on_row=show)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(args.out, index=False)
+        write_bench_csv(df, args.out)
         print(f"wrote {args.out}", file=sys.stderr)
     else:
         df.to_csv(sys.stdout, index=False)

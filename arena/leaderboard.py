@@ -100,9 +100,14 @@ def pareto_front(x: pd.Series, y: pd.Series, *, x_higher_better: bool = True) ->
     return front
 
 
+def _measured(bench: pd.DataFrame) -> pd.DataFrame:
+    """The ``arena bench`` rows without an error."""
+    return bench[bench["error"].isna()] if "error" in bench else bench
+
+
 def _bench_columns(bench: pd.DataFrame, table: pd.DataFrame, image_sizes: pd.Series) -> pd.DataFrame:
     """The bench row of each backbone at its records' resolution (NaN when it was not benchmarked there)."""
-    ok = bench[bench["error"].isna()] if "error" in bench else bench
+    ok = _measured(bench)
     cols = ["infer_samples_per_sec", "infer_peak_mem_mb", "train_samples_per_sec", "train_peak_mem_mb"]
     out = pd.DataFrame(index=table.index, columns=cols, dtype=float)
     for i, name in table["backbone"].items():
@@ -269,7 +274,7 @@ def plot_scaling(bench: pd.DataFrame, path: Path) -> Path:
     """Inference throughput and peak memory against resolution, one line per backbone, coloured by family."""
     import matplotlib.pyplot as plt
 
-    ok = bench[bench["error"].isna()] if "error" in bench else bench
+    ok = _measured(bench)
     families = sorted(ok["family"].dropna().unique())
     colours = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))

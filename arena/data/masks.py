@@ -28,6 +28,7 @@ from torchvision import tv_tensors
 from .base import ArenaDataModule
 from .imagefolder import load_rgb
 from .seg_transforms import PadCollate, eval_transforms, train_transforms
+from .voc import image_set_ids
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_MODES = ("L", "P", "I", "I;16")
@@ -112,8 +113,8 @@ def voc_pairs(root: Path, image_set: str) -> list[tuple[Path, Path]]:
         raise FileNotFoundError(f"{str(listing)!r} does not exist (found {have}); expected the Pascal VOC layout "
                                 f"root/JPEGImages/<id>.jpg, root/SegmentationClass/<id>.png, "
                                 f"root/ImageSets/Segmentation/<split>.txt")
-    ids = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
-    pairs = [(root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png") for i in ids]
+    pairs = [(root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png")
+             for i in image_set_ids(listing)]
     for image, mask in pairs:
         for path, what in ((image, "image"), (mask, "mask")):
             if not path.is_file():

@@ -127,7 +127,7 @@ class VOCDetectionDataModule(DetectionDataModule):
                                     f"lists; expected {LAYOUT}")
         found.setdefault("val", found.get("test"))
         found.setdefault("test", found["val"])
-        self.records = {s: [parse_voc_xml(self.root / "Annotations" / f"{i}.xml") for i in _ids(p)]
+        self.records = {s: [parse_voc_xml(self.root / "Annotations" / f"{i}.xml") for i in image_set_ids(p)]
                         for s, p in found.items()}
         used = sorted({n for rs in self.records.values() for r in rs for n in r.names})
         self.class_names = list(classes) if classes is not None else used
@@ -138,8 +138,9 @@ class VOCDetectionDataModule(DetectionDataModule):
                                    keep_difficult=split != "train")
 
 
-def _ids(path: Path) -> list[str]:
+def image_set_ids(path: Path) -> list[str]:
+    """The image ids of a VOC ``ImageSets`` list (first column; class lists add a second)."""
     return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
 
-__all__ = ["VOCDetectionDataModule", "VOCDetectionDataset", "VOCRecord", "parse_voc_xml"]
+__all__ = ["VOCDetectionDataModule", "VOCDetectionDataset", "VOCRecord", "parse_voc_xml", "image_set_ids"]

@@ -192,7 +192,8 @@ class SegmentationTask(TaskModule):
         drawn = [i for i, n in enumerate(self.class_names(datamodule)) if n.lower() != "background"]
         mean = torch.tensor(datamodule.mean).view(3, 1, 1)
         std = torch.tensor(datamodule.std).view(3, 1, 1)
-        dataset = datamodule.datasets["test"] if "test" in datamodule.datasets else datamodule.make_dataset("test")
+        datamodule.setup("test")
+        dataset = datamodule.datasets["test"]
         was_training, paths = self.training, []
         self.eval()
         try:
