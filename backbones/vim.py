@@ -12,6 +12,14 @@ fp32, the class token inserted in the middle of the sequence, an absolute positi
 The model has one level, the patch grid at stride 16 after the final norm (dense heads wrap it
 with ``as_pyramid``); ``embed(x)`` is the class token after the final norm, as in the paper.
 
+Inference on CPU (eval mode under ``torch.inference_mode``, the fused CPU scan available; FLOP
+counting under ``no_grad`` sees the plain path) streams each block over the tokens, ``STREAM_BLOCK`` (512) at a time, and adds its result to the residual stream in place: a
+forward pass keeps only the forward direction's scan output, a backward pass recomputes the
+block's input projection and finishes it, and every scan carries its state from block to block.
+A layer then holds the residual stream and that scan output (3 + 6 MB at 1024 x 1024 for Vim-Ti)
+instead of every projection of every token, and the same numbers come out
+(``tests/test_state_space.py``).
+
 >>> from backbones import create_backbone
 >>> model = create_backbone("vim_test")
 >>> [tuple(f.shape) for f in model(torch.zeros(1, 3, 64, 64))], tuple(model.embed(torch.zeros(1, 3, 64, 64)).shape)
@@ -29,7 +37,10 @@ from torch import nn
 
 from ._features import Backbone, FeatureInfo, interpolate_pos_embed, pretrained_cfg_for
 from ._registry import register_backbone
+from .ops import scan_cpu
 from .ops.selective_scan import init_a_log, init_dt_bias, selective_scan
+
+STREAM_BLOCK = 512  # tokens per step of streamed inference
 
 
 class RMSNorm(nn.Module):
@@ -90,9 +101,60 @@ class BiMamba(nn.Module):
         y = (self._scan(xz, "") + self._scan(xz.flip(-1), "_b").flip(-1)) / 2
         return self.out_proj(y.transpose(1, 2))
 
+    def _scan_tokens(self, lib, xp: torch.Tensor, suffix: str, h: torch.Tensor, out: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """One direction on time-major tokens ``xp`` [B, T + d_conv - 1, d_inner] (conv context included).
+
+        Forward: the causal conv reads the d_conv - 1 tokens before the block, and the scan runs
+        from ``h``; backward (``_b``): the anti-causal conv reads those after it and the scan runs
+        from the last token to the first. ``h`` is updated to the state leaving the block.
+        """
+        conv = getattr(self, "conv1d" + suffix)
+        weight = conv.weight[:, 0] if suffix == "" else conv.weight[:, 0].flip(-1)  # [d_inner, d_conv]
+        k, T = weight.shape[1], xp.shape[1] - weight.shape[1] + 1
+        u = torch.addcmul(conv.bias, xp[:, :T], weight[:, 0])
+        for j in range(1, k):
+            u.addcmul_(xp[:, j:j + T], weight[:, j])
+        u = F.silu(u)
+        dt, B, C = getattr(self, "x_proj" + suffix)(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt_proj = getattr(self, "dt_proj" + suffix)
+        A_log, D = (self.A_log, self.D) if suffix == "" else (self.A_b_log, self.D_b)
+        return scan_cpu.scan(lib, u, F.linear(dt, dt_proj.weight), -torch.exp(A_log.float()), B[:, :, None],
+                             C[:, :, None], h, D=D, delta_bias=dt_proj.bias, delta_softplus=True,
+                             reverse=suffix == "_b", out=out)
+
+    def stream_(self, lib, residual: torch.Tensor, norm: nn.Module) -> None:
+        """``residual += forward(norm(residual))`` in inference mode, ``STREAM_BLOCK`` tokens at a time.
+
+        The forward direction runs first over the blocks and keeps its (gate-free) scan output;
+        the backward direction then runs from the last block to the first, recomputing each
+        block's input projection, and adds the block's result to the residual stream in place.
+        The raw residual of the d_conv - 1 tokens after a block (its backward conv context) is
+        kept aside before those tokens are updated.
+        """
+        b, L, _ = residual.shape
+        ctx = self.conv1d.kernel_size[0] - 1
+        w_x = self.in_proj.weight[:self.d_inner]
+        forward = residual.new_empty(b, L, self.d_inner, dtype=torch.float32)
+        h = residual.new_zeros(b, self.d_state, self.d_inner, dtype=torch.float32)
+        blocks = [(t0, min(t0 + STREAM_BLOCK, L)) for t0 in range(0, L, STREAM_BLOCK)]
+        for t0, t1 in blocks:  # forward direction, first block first
+            lo = max(t0 - ctx, 0)
+            xp = F.pad(F.linear(norm(residual[:, lo:t1]), w_x), (0, 0, ctx - (t0 - lo), 0))
+            self._scan_tokens(lib, xp, "", h, out=forward[:, t0:t1])
+        h.zero_()
+        after = residual[:, L:]  # raw residual of the (up to ctx) tokens after the block
+        for t0, t1 in reversed(blocks):  # backward direction, last block first, then both directions together
+            rows = torch.cat([residual[:, t0:t1], after], dim=1)
+            after = rows[:, :ctx].clone()
+            xz = F.linear(norm(rows), self.in_proj.weight)
+            xp = F.pad(xz[..., :self.d_inner], (0, 0, 0, ctx - (rows.shape[1] - (t1 - t0))))
+            y = self._scan_tokens(lib, xp, "_b", h).add_(forward[:, t0:t1]).mul_(F.silu(xz[:, :t1 - t0, self.d_inner:]))
+            residual[:, t0:t1] += F.linear(y.mul_(0.5), self.out_proj.weight)
+
 
 class VimBlock(nn.Module):
-    """Add -> RMSNorm -> mixer, returning the mixer output and the (fp32) residual stream."""
+    """RMSNorm -> mixer on the fp32 residual stream; the model adds the result back through ``drop_path``."""
 
     def __init__(self, dim: int, *, d_state: int, expand: int, drop_path: float) -> None:
         super().__init__()
@@ -100,10 +162,8 @@ class VimBlock(nn.Module):
         self.norm = RMSNorm(dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        residual = hidden if residual is None else residual + self.drop_path(hidden)
-        residual = residual.float()
-        return self.mixer(self.norm(residual)), residual
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        return self.mixer(self.norm(residual))
 
 
 class PatchEmbed(nn.Module):
@@ -179,14 +239,26 @@ class Vim(Backbone):
     def _forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Final-normed tokens [B, 1 + h*w, C] (class token at index h*w // 2) and the grid (h, w)."""
         self.check_input_size(x.shape[-2], x.shape[-1])
-        x = self.patch_embed(x)
-        grid = (x.shape[-2], x.shape[-1])
-        x = x.flatten(2).transpose(1, 2)
-        mid = x.shape[1] // 2
-        x = torch.cat([x[:, :mid], self.cls_token.expand(x.shape[0], -1, -1), x[:, mid:]], dim=1)
-        hidden, residual = x + self._pos_embed(grid), None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual)
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        # the patches and the class token are added into a copy of the position embedding: one [B, L, C] tensor
+        residual = self._pos_embed(grid).float().repeat(x.shape[0], 1, 1)
+        patches = self.patch_embed(x).flatten(2).transpose(1, 2)
+        mid = patches.shape[1] // 2
+        residual[:, :mid] += patches[:, :mid]
+        residual[:, mid] += self.cls_token[:, 0]
+        residual[:, mid + 1:] += patches[:, mid:]
+        del patches
+        streaming = residual.device.type == "cpu" and torch.is_inference_mode_enabled() and not self.training
+        lib = scan_cpu.kernel() if streaming else None
+        if lib is not None:  # inference: the residual stream is updated in place, block by block (module doc)
+            for layer in self.layers:
+                layer.mixer.stream_(lib, residual, layer.norm)
+            return self.norm_f(residual), grid
+        hidden = None
+        for layer in self.layers:  # block i adds block i - 1's output through its own drop path, as officially
+            if hidden is not None:  # (one statement, so the previous output is freed before the next is made)
+                residual, hidden = residual + layer.drop_path(hidden).float(), None
+            hidden = layer(residual)
         return self.norm_f(residual + self.drop_path(hidden)), grid
 
     def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -2,21 +2,25 @@
 
     python benchmarks/selective_scan.py [--batch 8] [--channels 384] [--d-state 16] [--length 197] [--repeats 5]
 
-Three implementations run interleaved in the same process on the same inputs (the ratios are
+Four implementations run interleaved in the same process on the same inputs (the ratios are
 what to read: absolute times move with the machine's load):
 
 * ``reference``: ``selective_scan_ref``, structured as ``mamba_ssm``'s pure-PyTorch reference
   (discretize every token first, then a Python loop over tokens), under autograd;
 * ``per-step loop``: the same loop with the discretization done inside each step on one token's
   [b, d, n] slice (cache-resident on a CPU), under autograd: a stronger sequential baseline;
-* ``fast``: ``selective_scan`` (blocked, chunked scan; backward by recomputation).
+* ``fast, PyTorch``: ``selective_scan`` with ``ARENA_SCAN_KERNEL=torch`` (blocked, chunked scan;
+  backward by recomputation);
+* ``fast, fused``: ``selective_scan`` as it runs by default on a CPU: the forward by the compiled
+  kernel of ``backbones/ops/scan_cpu.py``, the backward by recomputation in PyTorch.
 
 The table gives median times, the speed-up over the reference, and the largest relative
-difference of the fast scan's output and gradients from the reference's.
+difference of each fast scan's output and gradients from the reference's.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -58,6 +62,18 @@ def per_step_loop(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True):
     return (torch.stack(ys, -1) + u * D[:, None]) * F.silu(z)
 
 
+def with_kernel(choice: str):
+    """``selective_scan`` with ``ARENA_SCAN_KERNEL`` set to ``choice`` for the call."""
+    def scan(**kw):
+        saved = os.environ.get("ARENA_SCAN_KERNEL")
+        os.environ["ARENA_SCAN_KERNEL"] = choice
+        try:
+            return selective_scan(**kw)
+        finally:
+            os.environ.pop("ARENA_SCAN_KERNEL") if saved is None else os.environ.update(ARENA_SCAN_KERNEL=saved)
+    return scan
+
+
 def run(fn, inputs: dict[str, torch.Tensor]) -> tuple[float, float, torch.Tensor, dict[str, torch.Tensor]]:
     leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
     t0 = time.perf_counter()
@@ -84,17 +100,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     inputs = vim_inputs(args.batch, args.channels, args.d_state, args.length)
-    impls = {"reference": selective_scan_ref, "per-step loop": per_step_loop, "fast": selective_scan}
+    impls = {"reference": selective_scan_ref, "per-step loop": per_step_loop,
+             "fast, PyTorch": with_kernel("torch"), "fast, fused": with_kernel("auto")}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in impls}
-    run(selective_scan, inputs)  # warm-up (first call of the custom op)
+    results = {}
+    for fn in impls.values():  # warm-up (first calls; builds the fused kernel if needed)
+        run(fn, vim_inputs(1, 16, args.d_state, 8))
     for _ in range(args.repeats):
         for name, fn in impls.items():
-            fwd, total, y, grads = run(fn, inputs)
+            fwd, total, *results[name] = run(fn, inputs)
             times[name].append((fwd, total))
-            if name == "reference":
-                y_ref, g_ref = y, grads
-            elif name == "fast":
-                y_fast, g_fast = y, grads
     med = {k: (statistics.median(f for f, _ in v), statistics.median(t for _, t in v)) for k, v in times.items()}
     print(f"selective scan, batch {args.batch}, d_inner {args.channels}, d_state {args.d_state}, "
           f"{args.length} tokens, {torch.get_num_threads()} threads, median of {args.repeats}")
@@ -103,8 +118,11 @@ def main() -> None:
         f, t = med[name]
         print(f"{name:<16}{1e3 * f:>12.1f}{1e3 * t:>12.1f}{med['reference'][0] / f:>13.1f}x"
               f"{med['reference'][1] / t:>17.1f}x")
-    diffs = {"output": rel(y_fast, y_ref), **{f"grad {k}": rel(g_fast[k], g_ref[k]) for k in g_ref}}
-    print("max relative difference: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    y_ref, g_ref = results["reference"]
+    for name in ("fast, PyTorch", "fast, fused"):
+        y, g = results[name]
+        diffs = {"output": rel(y, y_ref), **{f"grad {k}": rel(g[k], g_ref[k]) for k in g_ref}}
+        print(f"{name}: max relative difference " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
 
 
 if __name__ == "__main__":

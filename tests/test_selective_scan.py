@@ -1,11 +1,25 @@
-"""The fast selective scan against the sequential reference: outputs, gradients, dtypes, FLOPs."""
+"""The fast selective scan against the sequential reference: outputs, gradients, dtypes, FLOPs.
+
+Every test runs twice: with the fused CPU kernel (``ARENA_SCAN_KERNEL=auto``, the default, when a C
+compiler is there) and with the pure-PyTorch scan (``torch``).
+"""
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from backbones.ops import scan_cpu
 from backbones.ops.selective_scan import SCAN_BLOCK, SCAN_CHUNK, selective_scan, selective_scan_macs, selective_scan_ref
+
+
+@pytest.fixture(autouse=True, params=["auto", "torch"])
+def scan_kernel(request, monkeypatch) -> str:
+    monkeypatch.setenv("ARENA_SCAN_KERNEL", request.param)
+    return request.param
 
 
 def _inputs(b: int, d: int, l: int, n: int, *, groups: int = 0, gate: bool = True, dtype=torch.float32,
@@ -107,3 +121,77 @@ def test_flop_formula_and_meta():
 def test_bad_shapes_name_the_contract(bad, match):
     with pytest.raises(ValueError, match=match):
         selective_scan(**{**_inputs(2, 8, 30, 4), **bad})
+
+
+def _time_major(inputs: dict) -> dict:
+    """The kernel's layout: u, delta, z [b, l, d]; B, C [b, l, g, n]."""
+    B, C = (t if t.ndim == 4 else t[:, None] for t in (inputs["B"], inputs["C"]))
+    return {"u": inputs["u"].transpose(1, 2), "delta": inputs["delta"].transpose(1, 2), "A": inputs["A"],
+            "B": B.permute(0, 3, 1, 2), "C": C.permute(0, 3, 1, 2), "D": inputs["D"],
+            "z": None if inputs["z"] is None else inputs["z"].transpose(1, 2), "delta_bias": inputs["delta_bias"]}
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the fused kernel")
+def test_fused_kernel_state_carry_reverse_and_strided_views(scan_kernel):
+    """Two halves with the state carried, a backward scan, and inputs that are views into wider tensors."""
+    if scan_kernel == "torch":
+        assert scan_cpu.kernel() is None
+        return
+    lib = scan_cpu.kernel()
+    assert lib is not None
+    b, d, l, n = 2, 37, 53, 5  # 37 channels: two full blocks of 16 and a partial one
+    inputs = _inputs(b, d, l, n)
+    y_ref = selective_scan_ref(**inputs, delta_softplus=True)
+    tm = _time_major(inputs)
+    h = torch.zeros(b, n, d)
+    halves = [scan_cpu.scan(lib, **{k: (v[:, part] if k in ("u", "delta", "B", "C", "z") else v) for k, v in tm.items()},
+                            h=h, delta_softplus=True) for part in (slice(0, 30), slice(30, l))]
+    assert _rel(torch.cat(halves, 1).transpose(1, 2), y_ref) < 1e-5
+    flipped = selective_scan_ref(**{k: (v.flip(-1) if k in ("u", "delta", "B", "C", "z") else v)
+                                    for k, v in inputs.items()}, delta_softplus=True).flip(-1)
+    y_rev = scan_cpu.scan(lib, **tm, h=torch.zeros(b, n, d), delta_softplus=True, reverse=True)
+    assert _rel(y_rev.transpose(1, 2), flipped) < 1e-5
+    wide = torch.randn(b, l, 3 * n)  # B and C as column slices of one projection, as Vim's x_proj gives them
+    wide[..., :n], wide[..., 2 * n:] = tm["B"][:, :, 0], tm["C"][:, :, 0]
+    strided = {**tm, "B": wide[:, :, None, :n], "C": wide[:, :, None, 2 * n:]}
+    out = torch.zeros(b, l, 2 * d)[..., d:]  # written in place through its strides
+    scan_cpu.scan(lib, **strided, h=torch.zeros(b, n, d), delta_softplus=True, out=out)
+    assert _rel(out.transpose(1, 2), y_ref) < 1e-5
+
+
+def test_fused_kernel_math_at_the_extremes():
+    """The kernel's own exp and softplus through the scan: steps from softplus(-100) to 80, decays to exp(-2400)."""
+    lib = scan_cpu.kernel()
+    if lib is None:
+        pytest.skip("pure-PyTorch run, or no C compiler")
+    delta = torch.tensor([-100.0, -20.0, -5.0, -1e-3, 0.0, 1e-3, 0.5, 5.0, 19.0, 25.0, 80.0]).view(1, -1, 1)
+    u, B, C = torch.ones(1, 11, 1), torch.ones(1, 11, 1, 1), torch.ones(1, 11, 1, 1)
+    for a in (-30.0, -1.0, -1e-4):
+        A = torch.full((1, 1), a)
+        y = scan_cpu.scan(lib, u, delta, A, B, C, torch.zeros(1, 1, 1), delta_softplus=True).transpose(1, 2)
+        ref = selective_scan_ref(u.transpose(1, 2), delta.transpose(1, 2), A, B[:, :, :, 0].permute(0, 2, 1),
+                                 C[:, :, :, 0].permute(0, 2, 1), delta_softplus=True)
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-37), a
+
+
+def test_kernel_choice_and_fallback(monkeypatch, tmp_path, scan_kernel):
+    """A bad choice names the options; without a compiler the scan warns once and stays PyTorch."""
+    monkeypatch.setenv("ARENA_SCAN_KERNEL", "cuda")
+    with pytest.raises(ValueError, match="'auto'.*'torch'"):
+        scan_cpu.kernel()
+    monkeypatch.setenv("ARENA_SCAN_KERNEL", "auto")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    scan_cpu._load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no C compiler"):
+            assert scan_cpu.kernel() is None
+        inputs = _inputs(1, 4, 9, 2)
+        assert _rel(selective_scan(**inputs, delta_softplus=True), selective_scan_ref(**inputs, delta_softplus=True)) < 1e-5
+        if shutil.which("cc"):  # a fresh build lands in the cache directory
+            monkeypatch.setenv("CC", "cc")
+            scan_cpu._load.cache_clear()
+            assert scan_cpu.kernel() is not None
+            assert len(list((tmp_path / "backbone-arena").glob("selective_scan_cpu-*.so"))) == 1
+    finally:
+        scan_cpu._load.cache_clear()

@@ -8,6 +8,7 @@ import torch
 
 from arena.bench import count_flops, count_params
 from backbones import create_backbone, vim, vmamba
+from backbones.ops import scan_cpu
 from backbones.vim import resize_mid_cls_pos_embed
 
 
@@ -172,7 +173,7 @@ def test_vim_uses_both_directions_and_middle_cls():
         model.layers[0].mixer.A_b_log.add_(1.0)  # only the backward-direction SSM changes
         assert not torch.allclose(model.embed(x), base)
         tokens, grid = model._forward_tokens(x)
-    assert tokens.shape == (1, 17, 32) and torch.equal(tokens[:, 8], model.embed(x))
+        assert tokens.shape == (1, 17, 32) and torch.equal(tokens[:, 8], model.embed(x))
 
 
 def test_vmamba_cross_scan_routes():
@@ -239,3 +240,24 @@ def test_bf16_autocast_close_to_fp32(name):
             low = model.embed(x)
     assert torch.isfinite(low).all()
     assert torch.nn.functional.cosine_similarity(low.float(), ref, dim=1).min() > 0.99
+
+
+@pytest.mark.parametrize("block", [vim.STREAM_BLOCK, 5, 2])
+def test_vim_streamed_inference_matches_autograd_path(monkeypatch, block):
+    """CPU inference mode streams blocks of tokens (2 < the conv context of 3) and gives the same tokens."""
+    if scan_cpu.kernel() is None:
+        pytest.skip("no fused CPU scan (no C compiler, or ARENA_SCAN_KERNEL=torch): nothing streams")
+    monkeypatch.setattr(vim, "STREAM_BLOCK", block)
+    calls, stream = [], vim.BiMamba.stream_
+    monkeypatch.setattr(vim.BiMamba, "stream_", lambda self, *a: calls.append(1) or stream(self, *a))
+    torch.manual_seed(0)
+    model = create_backbone("vim_test").eval()
+    x = torch.randn(2, 3, 64, 48)  # 12 patch tokens + the class token: blocks of 5 leave a part block
+    reference, _ = model._forward_tokens(x)  # autograd on: the whole-sequence path
+    with torch.no_grad():  # FLOP counting runs here: the plain path, whose scan is one counted op
+        plain, _ = model._forward_tokens(x)
+    assert not calls and torch.allclose(plain, reference, atol=1e-6)
+    with torch.inference_mode():
+        streamed, _ = model._forward_tokens(x)
+    assert len(calls) == len(model.layers)
+    assert (streamed - reference).abs().max() <= 1e-5 * reference.abs().max()

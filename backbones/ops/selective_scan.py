@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from . import scan_cpu
+
 SCAN_CHUNK = 16  # steps per chunk: one pass over them runs every chunk in parallel
 SCAN_BLOCK = 256  # tokens held in memory at once; the state is carried between blocks
 
@@ -181,9 +183,23 @@ def _scan_blocks(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
         return _finish(y, u, D, z)
 
 
+def _scan_fused(lib, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+                delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
+    """The whole scan from a zero state by the compiled CPU kernel, which reads these [b, d, l] tensors time-major."""
+    b, d, l = u.shape
+    B, C = (t[:, None] if t.ndim == 3 else t for t in (B, C))
+    y = scan_cpu.scan(lib, u.transpose(1, 2), delta.transpose(1, 2), A, B.permute(0, 3, 1, 2), C.permute(0, 3, 1, 2),
+                      torch.zeros(b, A.shape[1], d), D=D, z=None if z is None else z.transpose(1, 2),
+                      delta_bias=delta_bias, delta_softplus=delta_softplus)
+    return y.transpose(1, 2).to(u.dtype)
+
+
 @torch.library.custom_op("backbone_arena::selective_scan", mutates_args=())
 def _selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                        z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
+    lib = scan_cpu.kernel() if u.device.type == "cpu" else None
+    if lib is not None:
+        return _scan_fused(lib, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return _scan_blocks(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 

@@ -1,0 +1,130 @@
+"""The fused CPU selective scan: ``selective_scan_cpu.c``, compiled on first use with the system C compiler.
+
+The pure-PyTorch scan streams ``[tokens, channels, d_state]`` tensors through memory, several
+passes each; this kernel keeps the state of 16 channels in vector registers and makes one pass
+over the inputs, computing each decay ``exp(dt * A)`` on the fly. It needs only a C compiler
+(``$CC``, else ``cc``), no PyTorch headers: it is built in about a second into
+``$XDG_CACHE_HOME/backbone-arena`` (``~/.cache`` by default), keyed by its source, flags and
+the CPU (``-march=native``), and loaded with ``ctypes``. Without a compiler, or with
+``ARENA_SCAN_KERNEL=torch``, ``kernel()`` is None and the scan stays pure PyTorch.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_SOURCE = Path(__file__).with_name("selective_scan_cpu.c")
+_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math")
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the CPU's feature flags where Linux lists them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.machine())
+    except OSError:
+        return platform.machine()
+
+
+def _build(compiler: str) -> Path:
+    """Compile the kernel (OpenMP when the compiler has it) into the cache, atomically; return the library."""
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(_FLAGS).encode(), _cpu_identity().encode()]))
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "backbone-arena"
+    lib = cache / f"selective_scan_cpu-{key.hexdigest()[:16]}.so"
+    if lib.exists():
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for extra in (["-fopenmp"], []):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        run = subprocess.run([compiler, *_FLAGS, *extra, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+        if run.returncode == 0:
+            os.replace(tmp, lib)  # concurrent builders each write their own file; the last rename wins
+            return lib
+        os.unlink(tmp)
+        errors.append(run.stderr.strip())
+    raise RuntimeError("\n".join(errors))
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | None:
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        warnings.warn("selective scan: no C compiler (set CC or install gcc) to build the fused CPU kernel; "
+                      "using the slower pure-PyTorch scan", RuntimeWarning, stacklevel=3)
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError) as err:
+        warnings.warn(f"selective scan: building the fused CPU kernel with {compiler} failed ({err}); "
+                      "using the slower pure-PyTorch scan", RuntimeWarning, stacklevel=3)
+        return None
+    fn = lib.arena_selective_scan
+    fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.POINTER(ctypes.c_long)] + [ctypes.c_long] * 5 + [ctypes.c_int] * 2
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The compiled kernel, or None when it cannot be built or ``ARENA_SCAN_KERNEL=torch`` asks for PyTorch."""
+    choice = os.environ.get("ARENA_SCAN_KERNEL", "auto")
+    if choice not in ("auto", "torch"):
+        raise ValueError(f"ARENA_SCAN_KERNEL must be 'auto' (fused CPU kernel when it builds) or 'torch', got {choice!r}")
+    return None if choice == "torch" else _load()
+
+
+def _rows(t: Tensor, inner: int) -> Tensor:
+    """``t`` as fp32 with its last ``inner`` dims contiguous (a copy only when they are not)."""
+    t = t.float()
+    ok = all(t.stride(-i) == math.prod(t.shape[len(t.shape) - i + 1:]) for i in range(1, inner + 1))
+    return t if ok else t.contiguous()
+
+
+def scan(lib: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor, *,
+         D: Tensor | None = None, z: Tensor | None = None, delta_bias: Tensor | None = None,
+         delta_softplus: bool = False, reverse: bool = False, out: Tensor | None = None) -> Tensor:
+    """The selective scan on time-major CPU tensors: ``u, delta, z`` [b, l, d], ``B, C`` [b, l, g, n], ``A`` [d, n].
+
+    ``h`` [b, n, d] (contiguous fp32) is the state entering the scan and is overwritten by the
+    last one, so a long sequence can be scanned piece by piece; ``reverse`` scans from the last
+    token to the first. Tokens and batches may be strided (views into wider tensors are read in
+    place). Returns fp32 [b, l, d], written into ``out`` when given.
+    """
+    b, l, d = u.shape
+    g, n = B.shape[2], B.shape[3]
+    if not (h.is_contiguous() and h.shape == (b, n, d) and h.dtype == torch.float32):
+        raise ValueError(f"h must be a contiguous fp32 [batch, d_state, channels] = {(b, n, d)} tensor, "
+                         f"got {tuple(h.shape)} {h.dtype}")
+    if out is None:
+        out = torch.empty(b, l, d)
+    elif out.shape != (b, l, d) or out.dtype != torch.float32 or out.stride(-1) != 1:
+        raise ValueError(f"out must be fp32 [batch, length, channels] = {(b, l, d)} with contiguous channels, "
+                         f"got {tuple(out.shape)} {out.dtype}")
+    seqs = [_rows(u, 1), _rows(delta, 1), None if z is None else _rows(z, 1), _rows(B, 2), _rows(C, 2), out]
+    vectors = [A.float().t().contiguous()] + [None if t is None else _rows(t, 1) for t in (D, delta_bias)]
+    pointers, strides = [], []
+    for t in seqs:  # a reversed scan starts at the last token and steps back
+        first = 0 if t is None or not reverse else (l - 1) * t.stride(1)
+        pointers.append(None if t is None else t.data_ptr() + 4 * first)
+        strides += [0, 0] if t is None else [t.stride(0), -t.stride(1) if reverse else t.stride(1)]
+    rc = lib.arena_selective_scan(*pointers[:5], *(None if v is None else v.data_ptr() for v in vectors),
+                                  pointers[5], h.data_ptr(), (ctypes.c_long * 12)(*strides), b, l, d, n, g,
+                                  int(delta_softplus), torch.get_num_threads())
+    if rc:
+        raise ValueError(f"the fused CPU scan takes d_state <= 64 and channels divisible by groups, "
+                         f"got d_state {n}, {d} channels, {g} groups")
+    return out

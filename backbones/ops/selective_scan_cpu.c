@@ -1,0 +1,130 @@
+/* The Mamba-1 selective scan as one fused loop for CPUs (compiled on first use by scan_cpu.py).
+ *
+ * For every channel d and state n, with dt = softplus(delta + bias) when asked:
+ *   h_t = exp(dt_t * A[d, n]) * h_{t-1} + dt_t * u_t * B_t[n]
+ *   y_t = (sum_n C_t[n] * h_t + D[d] * u_t) * silu(z_t)       (D and z optional)
+ * Tensors are time-major with channels innermost, so that one vector holds W neighbouring
+ * channels and the loop over states runs on registers:
+ *   u, delta, z, y   [batch, len, dim]            A_t  [nstate, dim]  (A transposed)
+ *   B, C             [batch, len, groups, nstate]  (channel d reads group d / (dim / groups))
+ *   h                [batch, nstate, dim]          the state entering the scan, overwritten by the last
+ * Channels (and states within a group) are contiguous; batches and tokens may have any stride,
+ * negative ones included (a negative token stride scans the sequence backwards). Nothing is
+ * allocated; the work is split over (batch, group, block of W channels).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define W 16      /* channels per block: one AVX-512 register, two AVX2 ones */
+#define NMAX 64   /* largest d_state held in registers / on the stack */
+
+/* GCC/Clang vector extensions: the compiler maps them onto the machine's vector width. */
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+
+static inline vf select(vi mask, vf yes, vf no) { return (vf)((mask & (vi)yes) | (~mask & (vi)no)); }
+
+/* exp(x) to about 2 ulp for x in [-87.3, 88]; 0 below (where exp is denormal or 0), exp(88) above.
+ * Cody-Waite reduction by ln 2 and the Cephes expf polynomial. */
+static inline vf vexp(vf x) {
+    const vf lo = (vf){0} - 87.33654f, hi = (vf){0} + 88.0f;
+    const vi under = x < lo;
+    x = select(under, lo, select(x > hi, hi, x));
+    const vf k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* nearest integer (1.5 * 2^23) */
+    const vf r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    vf p = (vf){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return select(under, (vf){0}, p * (vf)((__builtin_convertvector(k, vi) + 127) << 23));
+}
+
+/* softplus(x) = max(x, 0) + log1p(exp(-|x|)). log(v) for v = 1 + e in [1, 2] by the Cephes logf
+ * polynomial, then log1p(e) = log(v) * e / (v - 1), which cancels the rounding of 1 + e. */
+static inline vf vsoftplus(vf x) {
+    const vf ax = (vf)((vi)x & 0x7fffffff), e = vexp(-ax), v = 1.0f + e;
+    const vi big = v > 1.41421356f;
+    const vf f = select(big, v * 0.5f, v) - 1.0f, k = select(big, (vf){0} + 1.0f, (vf){0});
+    vf p = (vf){0} + 7.0376836292e-2f;
+    p = p * f - 1.1514610310e-1f;
+    p = p * f + 1.1676998740e-1f;
+    p = p * f - 1.2420140846e-1f;
+    p = p * f + 1.4249322787e-1f;
+    p = p * f - 1.6668057665e-1f;
+    p = p * f + 2.0000714765e-1f;
+    p = p * f - 2.4999993993e-1f;
+    p = p * f + 3.3333331174e-1f;
+    const vf f2 = f * f, log = f + (f * f2 * p - 2.12194440e-4f * k - 0.5f * f2) + 0.693359375f * k;
+    const vi exact = v == 1.0f;
+    const vf log1p = select(exact, e, log * e / select(exact, (vf){0} + 1.0f, v - 1.0f));
+    return select(x > 0.0f, x, (vf){0}) + log1p;
+}
+
+/* w <= W floats from p into a vector (zeros after them), and back. */
+static inline vf load(const float *p, long w) {
+    vf v = {0};
+    if (w == W) memcpy(&v, p, sizeof v);
+    else for (long j = 0; j < w; j++) v[j] = p[j];
+    return v;
+}
+
+static inline void store(float *p, vf v, long w) {
+    if (w == W) memcpy(p, &v, sizeof v);
+    else for (long j = 0; j < w; j++) p[j] = v[j];
+}
+
+/* Token strides of one block's tensors (in floats). */
+struct strides { long u, dt, z, b, c, y; };
+
+/* One block of w <= W channels over the whole sequence; pointers are at (t = 0, first channel). */
+static void scan_block(const float *u, const float *dt, const float *z, const float *B, const float *C,
+                       const float *At, const float *D, const float *bias, float *y, float *h, struct strides st,
+                       long len, long dim, long nstate, int softplus, long w) {
+    vf a[NMAX], hs[NMAX];
+    for (long s = 0; s < nstate; s++) {
+        a[s] = load(At + s * dim, w);
+        hs[s] = load(h + s * dim, w);
+    }
+    const vf Dv = D ? load(D, w) : (vf){0}, bv = bias ? load(bias, w) : (vf){0};
+    for (long t = 0; t < len; t++) {
+        const float *Bt = B + t * st.b, *Ct = C + t * st.c;
+        vf d = load(dt + t * st.dt, w) + bv;
+        if (softplus) d = vsoftplus(d);
+        const vf ut = load(u + t * st.u, w), du = d * ut;
+        vf acc = Dv * ut;
+        for (long s = 0; s < nstate; s++) {
+            hs[s] = vexp(d * a[s]) * hs[s] + du * Bt[s];
+            acc += Ct[s] * hs[s];
+        }
+        if (z) {
+            const vf zt = load(z + t * st.z, w);
+            acc *= zt / (1.0f + vexp(-zt));
+        }
+        store(y + t * st.y, acc, w);
+    }
+    for (long s = 0; s < nstate; s++) store(h + s * dim, hs[s], w);
+}
+
+/* strides: batch and token strides of u, delta, z, B, C, y, in floats (12 numbers). z, D and bias may be NULL.
+ * Returns 0, or 1 when nstate is larger than NMAX or dim is not a multiple of groups. */
+int arena_selective_scan(const float *u, const float *dt, const float *z, const float *B, const float *C,
+                         const float *At, const float *D, const float *bias, float *y, float *h,
+                         const long *strides, long batch, long len, long dim, long nstate, long groups,
+                         int softplus, int threads) {
+    if (nstate > NMAX || groups <= 0 || dim % groups) return 1;
+    const long dg = dim / groups, per_group = (dg + W - 1) / W, blocks = batch * groups * per_group;
+    const struct strides st = {strides[1], strides[3], strides[5], strides[7], strides[9], strides[11]};
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < blocks; i++) {
+        const long b = i / (groups * per_group), g = (i / per_group) % groups, k = i % per_group;
+        const long c0 = g * dg + k * W, w = dg - k * W < W ? dg - k * W : W;
+        scan_block(u + b * strides[0] + c0, dt + b * strides[2] + c0, z ? z + b * strides[4] + c0 : NULL,
+                   B + b * strides[6] + g * nstate, C + b * strides[8] + g * nstate, At + c0, D ? D + c0 : NULL,
+                   bias ? bias + c0 : NULL, y + b * strides[10] + c0,
+                   h + b * nstate * dim + c0, st, len, dim, nstate, softplus, w);
+    }
+    return 0;
+}
