@@ -1,4 +1,4 @@
-"""The Mamba-1 selective scan in pure PyTorch: a sequential reference and a fast blocked scan.
+"""The Mamba-1 selective scan: a sequential reference, a fast blocked scan in PyTorch, a fused CPU kernel.
 
 For every channel ``d`` and state ``n`` the scan runs the input-dependent linear recurrence
 
@@ -10,7 +10,9 @@ with ``delta = softplus(delta + delta_bias)`` when asked. Shapes follow ``mamba_
 (channel ``d`` uses group ``d // (d / g)``, as VMamba's four scan directions do), ``D,
 delta_bias: [d]``.
 
-``selective_scan`` needs no CUDA build and runs wherever PyTorch does. The sequence is cut into
+``selective_scan`` needs no CUDA build and runs wherever PyTorch does. On a CPU its forward is the
+fused C kernel of ``scan_cpu`` when that builds (``ARENA_SCAN_KERNEL=torch`` turns it off);
+elsewhere, and for the backward, it is the blocked scan below. The sequence is cut into
 blocks of ``SCAN_BLOCK`` tokens carried one after the other (memory stays bounded at any
 resolution); inside a block, tensors are time-major and cut into chunks of ``SCAN_CHUNK`` tokens
 that are all advanced together, one step at a time, while the state entering each chunk comes
