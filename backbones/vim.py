@@ -83,18 +83,20 @@ class BiMamba(nn.Module):
         self.D_b = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
 
+    def _ssm_inputs(self, u: torch.Tensor, suffix: str) -> tuple[torch.Tensor, ...]:
+        """One direction's scan inputs from time-major ``u`` [B, T, d_inner]: dt (before its bias), B, C, A, D, dt bias."""
+        dt, B, C = getattr(self, "x_proj" + suffix)(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt_proj = getattr(self, "dt_proj" + suffix)
+        A_log, D = (self.A_log, self.D) if suffix == "" else (self.A_b_log, self.D_b)
+        return F.linear(dt, dt_proj.weight), B, C, -torch.exp(A_log.float()), D.float(), dt_proj.bias.float()
+
     def _scan(self, xz: torch.Tensor, suffix: str) -> torch.Tensor:
         """One direction on [B, 2 * d_inner, L]: causal depthwise conv, SiLU, selective scan gated by z."""
         x, z = xz.chunk(2, dim=1)
-        conv = getattr(self, "conv1d" + suffix)
-        x = F.silu(conv(x)[..., :x.shape[-1]])
-        dt, B, C = getattr(self, "x_proj" + suffix)(x.transpose(1, 2)).split(
-            [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt_proj = getattr(self, "dt_proj" + suffix)
-        dt = F.linear(dt, dt_proj.weight).transpose(1, 2)
-        A_log, D = (self.A_log, self.D) if suffix == "" else (self.A_b_log, self.D_b)
-        return selective_scan(x, dt, -torch.exp(A_log.float()), B.transpose(1, 2), C.transpose(1, 2), D.float(),
-                              z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True)
+        x = F.silu(getattr(self, "conv1d" + suffix)(x)[..., :x.shape[-1]])
+        dt, B, C, A, D, dt_bias = self._ssm_inputs(x.transpose(1, 2), suffix)
+        return selective_scan(x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D, z=z,
+                              delta_bias=dt_bias, delta_softplus=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xz = self.in_proj(x).transpose(1, 2)  # [B, 2 * d_inner, L]
@@ -116,12 +118,9 @@ class BiMamba(nn.Module):
         for j in range(1, k):
             u.addcmul_(xp[:, j:j + T], weight[:, j])
         u = F.silu(u)
-        dt, B, C = getattr(self, "x_proj" + suffix)(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt_proj = getattr(self, "dt_proj" + suffix)
-        A_log, D = (self.A_log, self.D) if suffix == "" else (self.A_b_log, self.D_b)
-        return scan_cpu.scan(lib, u, F.linear(dt, dt_proj.weight), -torch.exp(A_log.float()), B[:, :, None],
-                             C[:, :, None], h, D=D, delta_bias=dt_proj.bias, delta_softplus=True,
-                             reverse=suffix == "_b", out=out)
+        dt, B, C, A, D, dt_bias = self._ssm_inputs(u, suffix)
+        return scan_cpu.scan(lib, u, dt, A, B[:, :, None], C[:, :, None], h, D=D, delta_bias=dt_bias,
+                             delta_softplus=True, reverse=suffix == "_b", out=out)
 
     def stream_(self, lib, residual: torch.Tensor, norm: nn.Module) -> None:
         """``residual += forward(norm(residual))`` in inference mode, ``STREAM_BLOCK`` tokens at a time.
