@@ -11,8 +11,8 @@ what to read: absolute times move with the machine's load):
   [b, d, n] slice (cache-resident on a CPU), under autograd: a stronger sequential baseline;
 * ``fast, PyTorch``: ``selective_scan`` with ``ARENA_SCAN_KERNEL=torch`` (blocked, chunked scan;
   backward by recomputation);
-* ``fast, fused``: ``selective_scan`` as it runs by default on a CPU: the forward by the compiled
-  kernel of ``backbones/ops/scan_cpu.py``, the backward by recomputation in PyTorch.
+* ``fast, fused``: ``selective_scan`` as it runs by default on a CPU: forward and backward by the
+  compiled kernels of ``backbones/ops/scan_cpu.py``.
 
 The table gives median times, the speed-up over the reference, and the largest relative
 difference of each fast scan's output and gradients from the reference's.

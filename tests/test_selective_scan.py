@@ -60,6 +60,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     (1, 8, SCAN_CHUNK ** 2 + 3, 2, 0, True),    # chunk summaries scanned in chunks themselves
     (1, 4, SCAN_BLOCK + 45, 3, 0, True),        # state carried across blocks
     (2, 12, 49, 1, 4, False),                   # VMamba: four route groups, d_state 1
+    (2, 40, 70, 4, 2, True),                    # groups of 20 channels: two kernel blocks share B and C
 ])
 def test_matches_reference(b, d, l, n, groups, gate):
     inputs = _inputs(b, d, l, n, groups=groups, gate=gate, seed=l)
@@ -69,6 +70,48 @@ def test_matches_reference(b, d, l, n, groups, gate):
     assert _rel(y, y_ref) < 1e-5
     for k in g_ref:
         assert _rel(g[k], g_ref[k]) < 1e-4, k
+
+
+@pytest.mark.parametrize("absent", [("D", "delta_bias", "z"), ("z",), ("D",)])
+def test_optional_inputs_and_no_softplus(absent):
+    inputs = _inputs(2, 20, 41, 3, seed=3)
+    inputs["delta_bias"] = inputs["delta_bias"].abs()  # steps used as given, without softplus: keep them positive
+    inputs = {k: None if k in absent else v.abs() if k == "delta" else v for k, v in inputs.items()}
+    results = []
+    for fn in (selective_scan_ref, selective_scan):
+        args = {k: v.clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
+        y = fn(**{**inputs, **args}, delta_softplus=False)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y.detach(), {k: v.grad for k, v in args.items()}))
+    (y_ref, g_ref), (y, g) = results
+    assert _rel(y, y_ref) < 1e-5
+    assert g.keys() == g_ref.keys()
+    for k in g_ref:
+        assert _rel(g[k], g_ref[k]) < 1e-4, k
+
+
+def test_large_state_beyond_the_kernel_registers():
+    """d_state above the fused kernel's limit takes the PyTorch scan, forward and backward."""
+    inputs = _inputs(1, 4, 20, scan_cpu.MAX_STATE + 1)
+    y_ref, g_ref = _run(selective_scan_ref, inputs)
+    y, g = _run(selective_scan, inputs)
+    assert _rel(y, y_ref) < 1e-5
+    for k in g_ref:
+        assert _rel(g[k], g_ref[k]) < 1e-4, k
+
+
+def test_backward_takes_the_forward_path(monkeypatch, scan_kernel):
+    """The fused backward runs exactly when the forward was fused, whatever the setting at backward time."""
+    calls = []
+    real = scan_cpu.scan_backward
+    monkeypatch.setattr(scan_cpu, "scan_backward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    inputs = _inputs(1, 4, 9, 2)
+    u = inputs["u"].clone().requires_grad_(True)
+    y = selective_scan(**{**inputs, "u": u}, delta_softplus=True)
+    monkeypatch.setenv("ARENA_SCAN_KERNEL", "torch" if scan_kernel == "auto" else "auto")
+    y.sum().backward()
+    fused = scan_kernel == "auto" and shutil.which("cc") is not None
+    assert len(calls) == int(fused) and u.grad.shape == u.shape
 
 
 def test_strong_decay_stays_finite_and_exact():

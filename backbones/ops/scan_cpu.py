@@ -2,7 +2,8 @@
 
 The pure-PyTorch scan streams ``[tokens, channels, d_state]`` tensors through memory, several
 passes each; this kernel keeps the state of 16 channels in vector registers and makes one pass
-over the inputs, computing each decay ``exp(dt * A)`` on the fly. It needs only a C compiler
+over the inputs, computing each decay ``exp(dt * A)`` on the fly; its gradient (``scan_backward``)
+recomputes the states a segment at a time and walks them backwards. It needs only a C compiler
 (``$CC``, else ``cc``), no PyTorch headers: it is built in about a second into
 ``$XDG_CACHE_HOME/backbone-arena`` (``~/.cache`` by default), keyed by its source, flags and
 the CPU (``-march=native``), and loaded with ``ctypes``. Without a compiler, or with
@@ -26,6 +27,8 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("selective_scan_cpu.c")
+BLOCK_WIDTH = 16  # channels per vector in the kernel (its W)
+MAX_STATE = 64  # the largest d_state it holds in registers (its NMAX)
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math")
 
 
@@ -73,9 +76,10 @@ def _load() -> ctypes.CDLL | None:
         warnings.warn(f"selective scan: building the fused CPU kernel with {compiler} failed ({err}); "
                       "using the slower pure-PyTorch scan", RuntimeWarning, stacklevel=3)
         return None
-    fn = lib.arena_selective_scan
-    fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.POINTER(ctypes.c_long)] + [ctypes.c_long] * 5 + [ctypes.c_int] * 2
-    fn.restype = ctypes.c_int
+    lib.arena_selective_scan.argtypes = ([ctypes.c_void_p] * 10 + [ctypes.POINTER(ctypes.c_long)]
+                                         + [ctypes.c_long] * 5 + [ctypes.c_int] * 2)
+    lib.arena_selective_scan_bwd.argtypes = [ctypes.c_void_p] * 17 + [ctypes.c_long] * 5 + [ctypes.c_int] * 2
+    lib.arena_selective_scan.restype = lib.arena_selective_scan_bwd.restype = ctypes.c_int
     return lib
 
 
@@ -124,7 +128,45 @@ def scan(lib: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     rc = lib.arena_selective_scan(*pointers[:5], *(None if v is None else v.data_ptr() for v in vectors),
                                   pointers[5], h.data_ptr(), (ctypes.c_long * 12)(*strides), b, l, d, n, g,
                                   int(delta_softplus), torch.get_num_threads())
-    if rc:
+    _check_rc(rc, n, d, g)
+    return out
+
+
+def _check_rc(rc: int, n: int, d: int, g: int) -> None:
+    if rc == 1:
         raise ValueError(f"the fused CPU scan takes d_state <= 64 and channels divisible by groups, "
                          f"got d_state {n}, {d} channels, {g} groups")
-    return out
+    if rc:
+        raise MemoryError("the fused CPU scan could not allocate its working memory")
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def scan_backward(lib: ctypes.CDLL, grad: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
+                  D: Tensor | None = None, z: Tensor | None = None, delta_bias: Tensor | None = None,
+                  delta_softplus: bool = False) -> dict[str, Tensor]:
+    """The gradient of ``scan`` from a zero state, in its layouts: ``grad`` is the output's, [b, l, d].
+
+    Returns fp32 gradients keyed by argument name (``D``, ``z``, ``delta_bias`` only when given):
+    ``u, delta, z`` [b, l, d], ``B, C`` [b, l, g, n], ``A`` [d, n], ``D, delta_bias`` [d]. The
+    kernel recomputes the states, so nothing from the forward is needed.
+    """
+    b, l, d = u.shape
+    g, n = B.shape[2], B.shape[3]
+    ins = [None if t is None else t.float().contiguous() for t in (u, delta, z, B, C, A.t(), D, delta_bias, grad)]
+    parts = -(-d // g // BLOCK_WIDTH)  # the kernel's channel blocks per group: one partial sum of dB, dC each
+    shapes = {"u": (b, l, d), "delta": (b, l, d), "z": (b, l, d), "B": (parts, b, l, g, n), "C": (parts, b, l, g, n),
+              "A": (b, n, d), "D": (b, d), "delta_bias": (b, d)}
+    given = {"z": z is not None, "D": D is not None, "delta_bias": delta_bias is not None}
+    out = {k: torch.empty(shape) if given.get(k, True) else None for k, shape in shapes.items()}
+    rc = lib.arena_selective_scan_bwd(*map(_ptr, ins), *map(_ptr, out.values()), b, l, d, n, g,
+                                      int(delta_softplus), torch.get_num_threads())
+    _check_rc(rc, n, d, g)
+    out["B"], out["C"] = out["B"].sum(0), out["C"].sum(0)
+    out["A"] = out["A"].sum(0).t()
+    for k in ("D", "delta_bias"):
+        if out[k] is not None:
+            out[k] = out[k].sum(0)
+    return {k: t for k, t in out.items() if t is not None}

@@ -10,9 +10,10 @@ with ``delta = softplus(delta + delta_bias)`` when asked. Shapes follow ``mamba_
 (channel ``d`` uses group ``d // (d / g)``, as VMamba's four scan directions do), ``D,
 delta_bias: [d]``.
 
-``selective_scan`` needs no CUDA build and runs wherever PyTorch does. On a CPU its forward is the
-fused C kernel of ``scan_cpu`` when that builds (``ARENA_SCAN_KERNEL=torch`` turns it off);
-elsewhere, and for the backward, it is the blocked scan below. The sequence is cut into
+``selective_scan`` needs no CUDA build and runs wherever PyTorch does. On a CPU, forward and
+backward are the fused C kernels of ``scan_cpu`` when they build (``ARENA_SCAN_KERNEL=torch``
+turns them off; d_state above ``scan_cpu.MAX_STATE`` does not fit them); elsewhere it is the
+blocked scan below. The sequence is cut into
 blocks of ``SCAN_BLOCK`` tokens carried one after the other (memory stays bounded at any
 resolution); inside a block, tensors are time-major and cut into chunks of ``SCAN_CHUNK`` tokens
 that are all advanced together, one step at a time, while the state entering each chunk comes
@@ -25,8 +26,9 @@ dtype.
 
 It is a ``torch.library`` custom op, so ``FlopCounterMode`` sees one op with a registered FLOP
 formula (9 MACs per element of the state, as the VMamba authors count it, plus the skip and gate)
-and meta tensors get shapes without running it. Its backward recomputes the forward with
-autograd, which keeps training memory at the size of the inputs.
+and meta tensors get shapes without running it. Its backward saves only the inputs and
+recomputes the states (the CPU kernel in registers, a segment at a time; elsewhere the blocked
+scan under autograd), which keeps training memory at the size of the inputs.
 
 >>> u = torch.randn(2, 8, 33)
 >>> A = -torch.rand(8, 4)
@@ -196,10 +198,15 @@ def _scan_fused(lib, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     return y.transpose(1, 2).to(u.dtype)
 
 
+def _fused_kernel(u: Tensor, A: Tensor):
+    """The compiled kernel when it can run this scan (CPU tensors, a state that fits its registers), else None."""
+    return scan_cpu.kernel() if u.device.type == "cpu" and A.shape[1] <= scan_cpu.MAX_STATE else None
+
+
 @torch.library.custom_op("backbone_arena::selective_scan", mutates_args=())
 def _selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                        z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
-    lib = scan_cpu.kernel() if u.device.type == "cpu" else None
+    lib = _fused_kernel(u, A)
     if lib is not None:
         return _scan_fused(lib, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return _scan_blocks(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
@@ -213,12 +220,31 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
 def _setup_context(ctx, inputs, output) -> None:
     *tensors, ctx.delta_softplus = inputs
     ctx.present = [t is not None for t in tensors]
+    ctx.lib = _fused_kernel(tensors[0], tensors[2])  # the backward takes the forward's path
     ctx.save_for_backward(*[t for t in tensors if t is not None])
+
+
+def _backward_fused(lib, grad: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                    z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool) -> list[Tensor | None]:
+    """Every input's gradient by the compiled CPU kernel, in the op's layouts and dtypes."""
+    Bg, Cg = (t[:, None] if t.ndim == 3 else t for t in (B, C))
+    time_major = {k: None if t is None else t.transpose(1, 2) for k, t in (("u", u), ("delta", delta), ("z", z))}
+    g = scan_cpu.scan_backward(lib, grad.transpose(1, 2), **time_major, A=A, B=Bg.permute(0, 3, 1, 2),
+                               C=Cg.permute(0, 3, 1, 2), D=D, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    for k in ("u", "delta", "z"):
+        if k in g:
+            g[k] = g[k].transpose(1, 2)
+    for k, t in (("B", B), ("C", C)):  # [b, l, g, n] -> [b, g, n, l], without the group dim when B had none
+        g[k] = g[k].permute(0, 2, 3, 1).reshape(t.shape)
+    inputs = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
+    return [None if t is None else g[k].to(t.dtype) for k, t in inputs.items()]
 
 
 def _backward(ctx, grad: Tensor):
     saved = iter(ctx.saved_tensors)
     tensors = [next(saved) if p else None for p in ctx.present]
+    if ctx.lib is not None:
+        return (*_backward_fused(ctx.lib, grad, *tensors, ctx.delta_softplus), None)
     wanted = [i for i, t in enumerate(tensors) if t is not None and ctx.needs_input_grad[i]]
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(i in wanted) if t is not None else None for i, t in enumerate(tensors)]

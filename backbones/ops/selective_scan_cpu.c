@@ -1,4 +1,4 @@
-/* The Mamba-1 selective scan as one fused loop for CPUs (compiled on first use by scan_cpu.py).
+/* The Mamba-1 selective scan and its gradient as fused loops for CPUs (compiled on first use by scan_cpu.py).
  *
  * For every channel d and state n, with dt = softplus(delta + bias) when asked:
  *   h_t = exp(dt_t * A[d, n]) * h_{t-1} + dt_t * u_t * B_t[n]
@@ -11,25 +11,30 @@
  * Channels (and states within a group) are contiguous; batches and tokens may have any stride,
  * negative ones included (a negative token stride scans the sequence backwards). Nothing is
  * allocated; the work is split over (batch, group, block of W channels).
+ * arena_selective_scan_bwd, the gradient, takes contiguous tensors of the same layouts and splits
+ * its work the same way; it recomputes the states (a few per channel block at a time) instead of
+ * reading saved ones.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define W 16      /* channels per block: one AVX-512 register, two AVX2 ones */
 #define NMAX 64   /* largest d_state held in registers / on the stack */
+#define SEG 32    /* tokens whose states the backward recomputes and holds at once */
 
 /* GCC/Clang vector extensions: the compiler maps them onto the machine's vector width. */
 typedef float vf __attribute__((vector_size(4 * W)));
 typedef int32_t vi __attribute__((vector_size(4 * W)));
 
-static inline vf select(vi mask, vf yes, vf no) { return (vf)((mask & (vi)yes) | (~mask & (vi)no)); }
+static inline vf blend(vi mask, vf yes, vf no) { return (vf)((mask & (vi)yes) | (~mask & (vi)no)); }
 
 /* exp(x) to about 2 ulp for x in [-87.3, 88]; 0 below (where exp is denormal or 0), exp(88) above.
  * Cody-Waite reduction by ln 2 and the Cephes expf polynomial. */
 static inline vf vexp(vf x) {
     const vf lo = (vf){0} - 87.33654f, hi = (vf){0} + 88.0f;
     const vi under = x < lo;
-    x = select(under, lo, select(x > hi, hi, x));
+    x = blend(under, lo, blend(x > hi, hi, x));
     const vf k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* nearest integer (1.5 * 2^23) */
     const vf r = x - k * 0.693359375f + k * 2.12194440e-4f;
     vf p = (vf){0} + 1.9875691500e-4f;
@@ -39,7 +44,7 @@ static inline vf vexp(vf x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    return select(under, (vf){0}, p * (vf)((__builtin_convertvector(k, vi) + 127) << 23));
+    return blend(under, (vf){0}, p * (vf)((__builtin_convertvector(k, vi) + 127) << 23));
 }
 
 /* softplus(x) = max(x, 0) + log1p(exp(-|x|)). log(v) for v = 1 + e in [1, 2] by the Cephes logf
@@ -47,7 +52,7 @@ static inline vf vexp(vf x) {
 static inline vf vsoftplus(vf x) {
     const vf ax = (vf)((vi)x & 0x7fffffff), e = vexp(-ax), v = 1.0f + e;
     const vi big = v > 1.41421356f;
-    const vf f = select(big, v * 0.5f, v) - 1.0f, k = select(big, (vf){0} + 1.0f, (vf){0});
+    const vf f = blend(big, v * 0.5f, v) - 1.0f, k = blend(big, (vf){0} + 1.0f, (vf){0});
     vf p = (vf){0} + 7.0376836292e-2f;
     p = p * f - 1.1514610310e-1f;
     p = p * f + 1.1676998740e-1f;
@@ -59,9 +64,29 @@ static inline vf vsoftplus(vf x) {
     p = p * f + 3.3333331174e-1f;
     const vf f2 = f * f, log = f + (f * f2 * p - 2.12194440e-4f * k - 0.5f * f2) + 0.693359375f * k;
     const vi exact = v == 1.0f;
-    const vf log1p = select(exact, e, log * e / select(exact, (vf){0} + 1.0f, v - 1.0f));
-    return select(x > 0.0f, x, (vf){0}) + log1p;
+    const vf log1p = blend(exact, e, log * e / blend(exact, (vf){0} + 1.0f, v - 1.0f));
+    return blend(x > 0.0f, x, (vf){0}) + log1p;
 }
+
+/* The sum of a vector's lanes, halving it twice first (portable: no target-specific shuffles). */
+typedef float vh __attribute__((vector_size(2 * W)));
+typedef float vq __attribute__((vector_size(W)));
+
+static inline float hsum(vf v) {
+    vh lo, hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
+    lo += hi;
+    vq a, b;
+    memcpy(&a, &lo, sizeof a);
+    memcpy(&b, (const char *)&lo + sizeof a, sizeof b);
+    a += b;
+    float sum = 0.0f;
+    for (int j = 0; j < W / 4; j++) sum += a[j];
+    return sum;
+}
+
+static inline vf sigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
 
 /* w <= W floats from p into a vector (zeros after them), and back. */
 static inline vf load(const float *p, long w) {
@@ -74,6 +99,12 @@ static inline vf load(const float *p, long w) {
 static inline void store(float *p, vf v, long w) {
     if (w == W) memcpy(p, &v, sizeof v);
     else for (long j = 0; j < w; j++) p[j] = v[j];
+}
+
+/* dt of one token: delta + bias, through softplus when asked. */
+static inline vf step(const float *delta, vf bias, int softplus, long w) {
+    const vf d = load(delta, w) + bias;
+    return softplus ? vsoftplus(d) : d;
 }
 
 /* Token strides of one block's tensors (in floats). */
@@ -91,8 +122,7 @@ static void scan_block(const float *u, const float *dt, const float *z, const fl
     const vf Dv = D ? load(D, w) : (vf){0}, bv = bias ? load(bias, w) : (vf){0};
     for (long t = 0; t < len; t++) {
         const float *Bt = B + t * st.b, *Ct = C + t * st.c;
-        vf d = load(dt + t * st.dt, w) + bv;
-        if (softplus) d = vsoftplus(d);
+        const vf d = step(dt + t * st.dt, bv, softplus, w);
         const vf ut = load(u + t * st.u, w), du = d * ut;
         vf acc = Dv * ut;
         for (long s = 0; s < nstate; s++) {
@@ -101,7 +131,7 @@ static void scan_block(const float *u, const float *dt, const float *z, const fl
         }
         if (z) {
             const vf zt = load(z + t * st.z, w);
-            acc *= zt / (1.0f + vexp(-zt));
+            acc *= zt * sigmoid(zt);
         }
         store(y + t * st.y, acc, w);
     }
@@ -127,4 +157,106 @@ int arena_selective_scan(const float *u, const float *dt, const float *z, const 
                    h + b * nstate * dim + c0, st, len, dim, nstate, softplus, w);
     }
     return 0;
+}
+
+/* The gradient of one block of w <= W channels, by reverse-mode through the recurrence:
+ *   dh_t = C_t * g_t + exp(dt_{t+1} A) * dh_{t+1}       (g: the gradient of y before the gate)
+ *   dA += dh_t * dt_t * exp(dt_t A) * h_{t-1}        ddt_t = sum_n dh_t * (A exp(dt_t A) h_{t-1} + u_t B_t)
+ *   du_t = sum_n dh_t * dt_t * B_t + g_t * D         dB_t = sum_d dh_t * dt_t * u_t,  dC_t = sum_d g_t * h_t
+ * A first pass keeps the state entering every segment of SEG tokens; then, from the last segment
+ * to the first, the segment's states are recomputed into `work` and walked backwards. dB and dC
+ * are this block's partial sums over its channels; dA, dD and dbias its sums over tokens. */
+static void scan_block_bwd(const float *u, const float *dt, const float *z, const float *B, const float *C,
+                           const float *At, const float *D, const float *bias, const float *dy,
+                           float *du, float *ddt, float *dz, float *dB, float *dC, float *dA, float *dD,
+                           float *dbias, long len, long dim, long gn, long nstate, int softplus, long w, vf *work) {
+    const long nseg = (len + SEG - 1) / SEG;
+    vf *entering = work, *hs = work + nseg * nstate, *dts = hs + SEG * nstate;
+    vf a[NMAX], h[NMAX], dh[NMAX], dAs[NMAX];
+    for (long s = 0; s < nstate; s++) {
+        a[s] = load(At + s * dim, w);
+        h[s] = dh[s] = dAs[s] = (vf){0};
+    }
+    const vf Dv = D ? load(D, w) : (vf){0}, bv = bias ? load(bias, w) : (vf){0};
+    for (long t = 0; t < len; t++) {
+        if (t % SEG == 0) memcpy(entering + (t / SEG) * nstate, h, nstate * sizeof(vf));
+        const vf d = step(dt + t * dim, bv, softplus, w), du_ = d * load(u + t * dim, w);
+        for (long s = 0; s < nstate; s++) h[s] = vexp(d * a[s]) * h[s] + du_ * B[t * gn + s];
+    }
+    vf dDs = {0}, dbs = {0};
+    for (long seg = nseg - 1; seg >= 0; seg--) {
+        const long t0 = seg * SEG, t1 = t0 + SEG < len ? t0 + SEG : len;
+        memcpy(h, entering + seg * nstate, nstate * sizeof(vf));
+        for (long t = t0; t < t1; t++) {
+            const vf d = dts[t - t0] = step(dt + t * dim, bv, softplus, w), du_ = d * load(u + t * dim, w);
+            for (long s = 0; s < nstate; s++) hs[(t - t0) * nstate + s] = h[s] = vexp(d * a[s]) * h[s] + du_ * B[t * gn + s];
+        }
+        for (long t = t1 - 1; t >= t0; t--) {
+            const vf d = dts[t - t0], ut = load(u + t * dim, w), du_ = d * ut;
+            const vf *ht = hs + (t - t0) * nstate, *hp = t > t0 ? ht - nstate : entering + seg * nstate;
+            const float *Bt = B + t * gn, *Ct = C + t * gn;
+            vf g = load(dy + t * dim, w);
+            if (z) {
+                const vf zt = load(z + t * dim, w), sz = sigmoid(zt);
+                vf y = Dv * ut;
+                for (long s = 0; s < nstate; s++) y += Ct[s] * ht[s];
+                store(dz + t * dim, g * y * sz * (1.0f + zt * (1.0f - sz)), w);
+                g *= zt * sz;
+            }
+            vf dd = {0}, dx = g * Dv;
+            for (long s = 0; s < nstate; s++) {
+                const vf e = vexp(d * a[s]);
+                dh[s] += Ct[s] * g;
+                const vf dhe = dh[s] * e * hp[s];
+                dAs[s] += dhe * d;
+                dd += dhe * a[s] + dh[s] * (ut * Bt[s]);
+                dx += dh[s] * (d * Bt[s]);
+                dB[t * gn + s] = hsum(dh[s] * du_);
+                dC[t * gn + s] = hsum(g * ht[s]);
+                dh[s] *= e;
+            }
+            if (softplus) dd *= sigmoid(load(dt + t * dim, w) + bv);
+            dDs += g * ut;
+            dbs += dd;
+            store(du + t * dim, dx, w);
+            store(ddt + t * dim, dd, w);
+        }
+    }
+    for (long s = 0; s < nstate; s++) store(dA + s * dim, dAs[s], w);
+    if (dD) store(dD, dDs, w);
+    if (dbias) store(dbias, dbs, w);
+}
+
+/* Contiguous layouts: u, delta, z, dy and du, ddelta, dz [batch, len, dim]; B, C [batch, len, groups, nstate];
+ * dB, dC [dim / groups / W rounded up, batch, len, groups, nstate] (one partial sum per block of channels);
+ * dA [batch, nstate, dim]; dD, dbias [batch, dim]. z/dz, D/dD and bias/dbias may be NULL together.
+ * Returns 0, 1 when nstate is larger than NMAX or dim is not a multiple of groups, 2 when out of memory. */
+int arena_selective_scan_bwd(const float *u, const float *dt, const float *z, const float *B, const float *C,
+                             const float *At, const float *D, const float *bias, const float *dy,
+                             float *du, float *ddt, float *dz, float *dB, float *dC, float *dA, float *dD,
+                             float *dbias, long batch, long len, long dim, long nstate, long groups,
+                             int softplus, int threads) {
+    if (nstate > NMAX || groups <= 0 || dim % groups) return 1;
+    const long dg = dim / groups, per_group = (dg + W - 1) / W, blocks = batch * groups * per_group;
+    const long gn = groups * nstate, nseg = (len + SEG - 1) / SEG;
+    const size_t work_bytes = ((nseg + SEG) * nstate + SEG) * sizeof(vf);
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(|: failed)
+    {
+        vf *work = aligned_alloc(sizeof(vf), work_bytes);
+        failed = work == NULL;
+#pragma omp for schedule(static)
+        for (long i = 0; i < blocks; i++) {
+            if (failed) continue;
+            const long b = i / (groups * per_group), g = (i / per_group) % groups, k = i % per_group;
+            const long c0 = g * dg + k * W, w = dg - k * W < W ? dg - k * W : W;
+            const long x = b * len * dim + c0, bc = b * len * gn + g * nstate, part = k * batch * len * gn + bc;
+            scan_block_bwd(u + x, dt + x, z ? z + x : NULL, B + bc, C + bc, At + c0, D ? D + c0 : NULL,
+                           bias ? bias + c0 : NULL, dy + x, du + x, ddt + x, dz ? dz + x : NULL, dB + part,
+                           dC + part, dA + b * nstate * dim + c0, dD ? dD + b * dim + c0 : NULL,
+                           dbias ? dbias + b * dim + c0 : NULL, len, dim, gn, nstate, softplus, w, work);
+        }
+        free(work);
+    }
+    return failed ? 2 : 0;
 }
