@@ -172,7 +172,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_step(step: Callable[[], Any], device: torch.device, settings: BenchSettings) -> tuple[float, float]:
+def time_step(step: Callable[[], Any], device: torch.device, settings: BenchSettings) -> tuple[float, float]:
     """Median seconds per step over ``blocks`` timed blocks, and the blocks' interquartile range over it.
 
     Each block runs as many steps as fill ``block_time`` (estimated from one step after warm-up),
@@ -252,7 +252,7 @@ def _bench_backbone(name: str, img_size: int, settings: BenchSettings) -> dict[s
             run(x)
 
     model.eval()
-    step_s, spread = _time_step(infer, device, settings)
+    step_s, spread = time_step(infer, device, settings)
     row.update(infer_samples_per_sec=round(settings.batch_size / step_s, 2), infer_step_time=round(step_s * 1e3, 3),
                infer_spread_pct=round(100 * spread, 2), infer_peak_mem_mb=round(_peak_memory(infer, device, resident), 2))
     if settings.train:
@@ -266,7 +266,7 @@ def _bench_backbone(name: str, img_size: int, settings: BenchSettings) -> dict[s
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        step_s, spread = _time_step(train_step, device, settings)
+        step_s, spread = time_step(train_step, device, settings)
         state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         peak = _peak_memory(train_step, device, resident + tensor_bytes(state))
         row.update(train_samples_per_sec=round(settings.batch_size / step_s, 2),

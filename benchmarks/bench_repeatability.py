@@ -5,13 +5,39 @@
 Each repeat builds the model afresh and measures it as `arena bench` does (median of timed
 blocks); the script prints every repeat's throughput and the spread across repeats,
 (max - min) / median, which is what "repeated runs agree within x%" means in the docs.
+Each repeat also times a fixed 512x512 matmul the same way (the last row, in GFLOP/s): a
+workload that never changes, so its spread is the machine's own noise floor.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 
-from arena.bench import BenchSettings, bench_backbone, resolve_backbones
+import torch
+
+from arena.bench import BenchSettings, bench_backbone, resolve_backbones, time_step
+
+CONTROL_SIZE = 512
+
+
+def control_gflops(settings: BenchSettings) -> float:
+    """GFLOP/s of a fixed matmul timed like a bench cell (one thread under the CPU clock)."""
+    device = torch.device(settings.device)
+    a, b = (torch.randn(CONTROL_SIZE, CONTROL_SIZE, device=device) for _ in range(2))
+    threads = torch.get_num_threads()
+    if settings.clock == "cpu":
+        torch.set_num_threads(1)
+    try:
+        step_s, _ = time_step(lambda: a @ b, device, settings)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * CONTROL_SIZE ** 3 / step_s / 1e9
+
+
+def report(name: str, key: str, values: list[float]) -> None:
+    med = statistics.median(values)
+    spread = 100 * (max(values) - min(values)) / med
+    print(f"{name:<18} {key:<22} {med:9.1f} {spread:6.1f}%  " + " ".join(f"{v:.1f}" for v in values))
 
 
 def main() -> None:
@@ -29,14 +55,18 @@ def main() -> None:
     settings = BenchSettings(batch_size=args.batch_size, blocks=args.blocks, block_time=args.block_time,
                              train=not args.no_train, clock=args.clock, device=args.device)
     keys = ["infer_samples_per_sec"] + ([] if args.no_train else ["train_samples_per_sec"])
-    print(f"{'model':<18} {'column':<22} {'median':>9} {'spread':>7}  repeats (img/s)")
-    for name in resolve_backbones(args.backbones):
-        rows = [bench_backbone(name, args.img_size, settings) for _ in range(args.repeats)]
+    print(f"{'model':<18} {'column':<22} {'median':>9} {'spread':>7}  repeats")
+    names = resolve_backbones(args.backbones)
+    rows: dict[str, list[dict]] = {name: [] for name in names}
+    control = []
+    for _ in range(args.repeats):  # round-robin, so that the machine's slow phases hit every row alike
+        for name in names:
+            rows[name].append(bench_backbone(name, args.img_size, settings))
+        control.append(control_gflops(settings))
+    for name in names:
         for key in keys:
-            values = [r[key] for r in rows]
-            med = statistics.median(values)
-            spread = 100 * (max(values) - min(values)) / med
-            print(f"{name:<18} {key:<22} {med:9.1f} {spread:6.1f}%  " + " ".join(f"{v:.1f}" for v in values))
+            report(name, key, [r[key] for r in rows[name]])
+    report(f"matmul {CONTROL_SIZE}", "GFLOP/s (control)", control)
 
 
 if __name__ == "__main__":
