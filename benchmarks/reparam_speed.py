@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backbones import create_backbone  # noqa: E402
 from backbones.replknet import RepLKNet  # noqa: E402
-from large_kernel_conv import time_interleaved, timing_args  # noqa: E402
+from timing import time_interleaved, timing_args  # noqa: E402
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> None:

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from arena.bench import count_flops, count_params  # noqa: E402
 from backbones import create_backbone  # noqa: E402
-from large_kernel_conv import time_interleaved, timing_args  # noqa: E402
+from timing import time_interleaved, timing_args  # noqa: E402
 
 
 def main() -> None:
