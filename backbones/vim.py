@@ -56,6 +56,20 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
 
 
+def depthwise_conv_tokens(xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Depthwise conv along the tokens of time-major ``xp`` [B, T + k - 1, C] (padding included): [B, T, C].
+
+    ``weight`` is [C, k]. Written as k shifted multiply-adds on time-major memory, which on a CPU
+    is several times faster than ``nn.Conv1d`` on [B, C, T], and its backward far more so.
+    """
+    k = weight.shape[1]
+    T = xp.shape[1] - k + 1
+    u = torch.addcmul(bias, xp[:, :T], weight[:, 0])
+    for j in range(1, k):
+        u = u.addcmul_(xp[:, j:j + T], weight[:, j])
+    return u
+
+
 class BiMamba(nn.Module):
     """Mamba mixer scanning the sequence both ways ("v2"): shared in/out projections, per-direction SSMs.
 
@@ -91,16 +105,19 @@ class BiMamba(nn.Module):
         return F.linear(dt, dt_proj.weight), B, C, -torch.exp(A_log.float()), D.float(), dt_proj.bias.float()
 
     def _scan(self, xz: torch.Tensor, suffix: str) -> torch.Tensor:
-        """One direction on [B, 2 * d_inner, L]: causal depthwise conv, SiLU, selective scan gated by z."""
-        x, z = xz.chunk(2, dim=1)
-        x = F.silu(getattr(self, "conv1d" + suffix)(x)[..., :x.shape[-1]])
-        dt, B, C, A, D, dt_bias = self._ssm_inputs(x.transpose(1, 2), suffix)
-        return selective_scan(x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D, z=z,
-                              delta_bias=dt_bias, delta_softplus=True)
+        """One direction on time-major [B, L, 2 * d_inner]: causal depthwise conv, SiLU, selective scan gated by z.
+
+        Returns [B, d_inner, L] (a view of time-major memory)."""
+        x, z = xz.split(self.d_inner, dim=-1)
+        conv = getattr(self, "conv1d" + suffix)
+        u = F.silu(depthwise_conv_tokens(F.pad(x, (0, 0, conv.kernel_size[0] - 1, 0)), conv.weight[:, 0], conv.bias))
+        dt, B, C, A, D, dt_bias = self._ssm_inputs(u, suffix)
+        return selective_scan(u.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D,
+                              z=z.transpose(1, 2), delta_bias=dt_bias, delta_softplus=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xz = self.in_proj(x).transpose(1, 2)  # [B, 2 * d_inner, L]
-        y = (self._scan(xz, "") + self._scan(xz.flip(-1), "_b").flip(-1)) / 2
+        xz = self.in_proj(x)  # [B, L, 2 * d_inner]
+        y = (self._scan(xz, "") + self._scan(xz.flip(1), "_b").flip(-1)) / 2
         return self.out_proj(y.transpose(1, 2))
 
     def _scan_tokens(self, lib, xp: torch.Tensor, suffix: str, h: torch.Tensor, out: torch.Tensor | None = None
@@ -113,11 +130,7 @@ class BiMamba(nn.Module):
         """
         conv = getattr(self, "conv1d" + suffix)
         weight = conv.weight[:, 0] if suffix == "" else conv.weight[:, 0].flip(-1)  # [d_inner, d_conv]
-        k, T = weight.shape[1], xp.shape[1] - weight.shape[1] + 1
-        u = torch.addcmul(conv.bias, xp[:, :T], weight[:, 0])
-        for j in range(1, k):
-            u.addcmul_(xp[:, j:j + T], weight[:, j])
-        u = F.silu(u)
+        u = F.silu(depthwise_conv_tokens(xp, weight, conv.bias))
         dt, B, C, A, D, dt_bias = self._ssm_inputs(u, suffix)
         return scan_cpu.scan(lib, u, dt, A, B[:, :, None], C[:, :, None], h, D=D, delta_bias=dt_bias,
                              delta_softplus=True, reverse=suffix == "_b", out=out)

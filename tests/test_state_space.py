@@ -176,6 +176,43 @@ def test_vim_uses_both_directions_and_middle_cls():
         assert tokens.shape == (1, 17, 32) and torch.equal(tokens[:, 8], model.embed(x))
 
 
+def test_vim_mixer_matches_conv1d_and_the_sequential_scan():
+    """BiMamba against the official "v2" forward written with nn.Conv1d on [B, C, L] and the reference scan."""
+    import torch.nn.functional as F
+
+    from backbones.ops.selective_scan import selective_scan_ref
+
+    torch.manual_seed(0)
+    mixer = create_backbone("vim_test").layers[0].mixer
+    x = torch.randn(2, 9, mixer.in_proj.in_features)
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        xz = mixer.in_proj(x).transpose(1, 2)
+        outs = []
+        for suffix, seq in (("", xz), ("_b", xz.flip(-1))):
+            u, z = seq.chunk(2, dim=1)
+            u = F.silu(getattr(mixer, "conv1d" + suffix)(u)[..., :u.shape[-1]])
+            dt, B, C = getattr(mixer, "x_proj" + suffix)(u.transpose(1, 2)).split(
+                [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
+            dt_proj = getattr(mixer, "dt_proj" + suffix)
+            A = -torch.exp(mixer.A_log if suffix == "" else mixer.A_b_log)
+            y = selective_scan_ref(u, (dt @ dt_proj.weight.t()).transpose(1, 2), A, B.transpose(1, 2),
+                                   C.transpose(1, 2), mixer.D if suffix == "" else mixer.D_b, z=z,
+                                   delta_bias=dt_proj.bias, delta_softplus=True)
+            outs.append(y if suffix == "" else y.flip(-1))
+        return mixer.out_proj(((outs[0] + outs[1]) / 2).transpose(1, 2))
+
+    results = []
+    for fn in (reference, mixer):
+        mixer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        y = fn(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y.detach(), xi.grad, mixer.conv1d.weight.grad.clone(), mixer.conv1d_b.bias.grad.clone()))
+    for got, want in zip(results[1], results[0]):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_vmamba_cross_scan_routes():
     x = torch.arange(6.0).view(1, 1, 2, 3)
     routes = vmamba.cross_scan(x)[0, :, 0]

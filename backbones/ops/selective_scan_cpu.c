@@ -164,36 +164,42 @@ int arena_selective_scan(const float *u, const float *dt, const float *z, const 
  *   dA += dh_t * dt_t * exp(dt_t A) * h_{t-1}        ddt_t = sum_n dh_t * (A exp(dt_t A) h_{t-1} + u_t B_t)
  *   du_t = sum_n dh_t * dt_t * B_t + g_t * D         dB_t = sum_d dh_t * dt_t * u_t,  dC_t = sum_d g_t * h_t
  * A first pass keeps the state entering every segment of SEG tokens; then, from the last segment
- * to the first, the segment's states are recomputed into `work` and walked backwards. dB and dC
+ * to the first, the segment's states and decays are recomputed into `work` and walked backwards. dB and dC
  * are this block's partial sums over its channels; dA, dD and dbias its sums over tokens. */
 static void scan_block_bwd(const float *u, const float *dt, const float *z, const float *B, const float *C,
                            const float *At, const float *D, const float *bias, const float *dy,
                            float *du, float *ddt, float *dz, float *dB, float *dC, float *dA, float *dD,
                            float *dbias, long len, long dim, long gn, long nstate, int softplus, long w, vf *work) {
     const long nseg = (len + SEG - 1) / SEG;
-    vf *entering = work, *hs = work + nseg * nstate, *dts = hs + SEG * nstate;
+    vf *entering = work, *hs = work + nseg * nstate, *es = hs + SEG * nstate, *dts = es + SEG * nstate;
     vf a[NMAX], h[NMAX], dh[NMAX], dAs[NMAX];
     for (long s = 0; s < nstate; s++) {
         a[s] = load(At + s * dim, w);
         h[s] = dh[s] = dAs[s] = (vf){0};
     }
     const vf Dv = D ? load(D, w) : (vf){0}, bv = bias ? load(bias, w) : (vf){0};
-    for (long t = 0; t < len; t++) {
+    for (long t = 0; t < (nseg - 1) * SEG; t++) {  /* the last segment's states are recomputed below */
         if (t % SEG == 0) memcpy(entering + (t / SEG) * nstate, h, nstate * sizeof(vf));
         const vf d = step(dt + t * dim, bv, softplus, w), du_ = d * load(u + t * dim, w);
         for (long s = 0; s < nstate; s++) h[s] = vexp(d * a[s]) * h[s] + du_ * B[t * gn + s];
     }
+    memcpy(entering + (nseg - 1) * nstate, h, nstate * sizeof(vf));
     vf dDs = {0}, dbs = {0};
     for (long seg = nseg - 1; seg >= 0; seg--) {
         const long t0 = seg * SEG, t1 = t0 + SEG < len ? t0 + SEG : len;
         memcpy(h, entering + seg * nstate, nstate * sizeof(vf));
         for (long t = t0; t < t1; t++) {
             const vf d = dts[t - t0] = step(dt + t * dim, bv, softplus, w), du_ = d * load(u + t * dim, w);
-            for (long s = 0; s < nstate; s++) hs[(t - t0) * nstate + s] = h[s] = vexp(d * a[s]) * h[s] + du_ * B[t * gn + s];
+            for (long s = 0; s < nstate; s++) {
+                const long i = (t - t0) * nstate + s;
+                es[i] = vexp(d * a[s]);
+                hs[i] = h[s] = es[i] * h[s] + du_ * B[t * gn + s];
+            }
         }
         for (long t = t1 - 1; t >= t0; t--) {
             const vf d = dts[t - t0], ut = load(u + t * dim, w), du_ = d * ut;
-            const vf *ht = hs + (t - t0) * nstate, *hp = t > t0 ? ht - nstate : entering + seg * nstate;
+            const vf *ht = hs + (t - t0) * nstate, *et = es + (t - t0) * nstate;
+            const vf *hp = t > t0 ? ht - nstate : entering + seg * nstate;
             const float *Bt = B + t * gn, *Ct = C + t * gn;
             vf g = load(dy + t * dim, w);
             if (z) {
@@ -205,7 +211,7 @@ static void scan_block_bwd(const float *u, const float *dt, const float *z, cons
             }
             vf dd = {0}, dx = g * Dv;
             for (long s = 0; s < nstate; s++) {
-                const vf e = vexp(d * a[s]);
+                const vf e = et[s];
                 dh[s] += Ct[s] * g;
                 const vf dhe = dh[s] * e * hp[s];
                 dAs[s] += dhe * d;
@@ -239,7 +245,7 @@ int arena_selective_scan_bwd(const float *u, const float *dt, const float *z, co
     if (nstate > NMAX || groups <= 0 || dim % groups) return 1;
     const long dg = dim / groups, per_group = (dg + W - 1) / W, blocks = batch * groups * per_group;
     const long gn = groups * nstate, nseg = (len + SEG - 1) / SEG;
-    const size_t work_bytes = ((nseg + SEG) * nstate + SEG) * sizeof(vf);
+    const size_t work_bytes = ((nseg + 2 * SEG) * nstate + SEG) * sizeof(vf);
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(|: failed)
     {
