@@ -156,6 +156,7 @@ def test_flop_formula_and_meta():
 
 @pytest.mark.parametrize("bad,match", [
     ({"u": torch.zeros(2, 8)}, "u of shape"),
+    ({"u": torch.zeros(2, 8, 0)}, "at least one token"),
     ({"delta": torch.zeros(2, 8, 31)}, "delta and z"),
     ({"A": torch.zeros(7, 4)}, "A must be"),
     ({"B": torch.zeros(2, 3, 4, 30)}, "B must be"),

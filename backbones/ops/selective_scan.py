@@ -57,6 +57,8 @@ def _check(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor 
     if u.ndim != 3:
         raise ValueError(f"selective_scan takes u of shape [batch, channels, length], got {tuple(u.shape)}")
     b, d, l = u.shape
+    if l == 0:
+        raise ValueError(f"selective_scan needs at least one token, got u of shape {tuple(u.shape)}")
     if delta.shape != u.shape or (z is not None and z.shape != u.shape):
         raise ValueError(f"delta and z must have u's shape {tuple(u.shape)}, got delta {tuple(delta.shape)}"
                          f"{'' if z is None else f' and z {tuple(z.shape)}'}")

@@ -183,7 +183,7 @@ static void scan_block_bwd(const float *u, const float *dt, const float *z, cons
         const vf d = step(dt + t * dim, bv, softplus, w), du_ = d * load(u + t * dim, w);
         for (long s = 0; s < nstate; s++) h[s] = vexp(d * a[s]) * h[s] + du_ * B[t * gn + s];
     }
-    memcpy(entering + (nseg - 1) * nstate, h, nstate * sizeof(vf));
+    if (nseg) memcpy(entering + (nseg - 1) * nstate, h, nstate * sizeof(vf));
     vf dDs = {0}, dbs = {0};
     for (long seg = nseg - 1; seg >= 0; seg--) {
         const long t0 = seg * SEG, t1 = t0 + SEG < len ? t0 + SEG : len;
