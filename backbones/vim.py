@@ -39,6 +39,7 @@ from ._features import Backbone, FeatureInfo, interpolate_pos_embed, pretrained_
 from ._registry import register_backbone
 from .ops import scan_cpu
 from .ops.selective_scan import init_a_log, init_dt_bias, selective_scan
+from .ops.token_conv import depthwise_conv_tokens
 
 STREAM_BLOCK = 512  # tokens per step of streamed inference
 
@@ -54,20 +55,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
-
-
-def depthwise_conv_tokens(xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Depthwise conv along the tokens of time-major ``xp`` [B, T + k - 1, C] (padding included): [B, T, C].
-
-    ``weight`` is [C, k]. Written as k shifted multiply-adds on time-major memory, which on a CPU
-    is several times faster than ``nn.Conv1d`` on [B, C, T], and its backward far more so.
-    """
-    k = weight.shape[1]
-    T = xp.shape[1] - k + 1
-    u = torch.addcmul(bias, xp[:, :T], weight[:, 0])
-    for j in range(1, k):
-        u = u.addcmul_(xp[:, j:j + T], weight[:, j])
-    return u
 
 
 class BiMamba(nn.Module):

@@ -213,6 +213,33 @@ def test_vim_mixer_matches_conv1d_and_the_sequential_scan():
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+def test_depthwise_conv_tokens_matches_conv1d_and_counts_its_flops():
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from backbones.ops.token_conv import depthwise_conv_tokens
+
+    g = torch.Generator().manual_seed(0)
+    xp, w, b = torch.randn(2, 9 + 3, 6, generator=g), torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
+    grads = []
+    for fn in (depthwise_conv_tokens,
+               lambda x, w, b: F.conv1d(x.transpose(1, 2), w[:, None], b, groups=6).transpose(1, 2)):
+        leaves = [t.clone().requires_grad_(True) for t in (xp, w, b)]
+        y = fn(*leaves)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads.append([y.detach()] + [t.grad for t in leaves])
+    for got, want in zip(*grads):
+        assert torch.allclose(got, want, atol=1e-5)
+    with FlopCounterMode(display=False) as counter:
+        depthwise_conv_tokens(xp, w, b)
+    assert counter.get_total_flops() == 2 * 2 * 9 * 6 * 4
+    assert depthwise_conv_tokens(xp.to("meta"), w.to("meta"), b.to("meta")).shape == (2, 9, 6)
+    with pytest.raises(ValueError, match="at least k=4 tokens"):
+        depthwise_conv_tokens(xp[:, :3], w, b)
+    with pytest.raises(ValueError, match=r"weight \[C, k\]"):
+        depthwise_conv_tokens(xp, w[:5], b)
+
+
 def test_vmamba_cross_scan_routes():
     x = torch.arange(6.0).view(1, 1, 2, 3)
     routes = vmamba.cross_scan(x)[0, :, 0]
