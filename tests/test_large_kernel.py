@@ -352,3 +352,16 @@ def test_constructor_errors_name_the_bad_value() -> None:
         create_backbone("replknet_test", large_kernel_sizes=(3, 3, 3, 3))
     with pytest.raises(ValueError, match="num_classes=N"):
         create_backbone("replknet_test").get_classifier()
+
+
+def test_grn_matches_convnext_v2_formula():
+    """GRN: (gamma * N(x) + 1) * x + beta with N(x) = ||x||_2 over H, W / its mean over channels (ConvNeXt-V2)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, 8, generator=g)  # NHWC
+    grn = url.GlobalResponseNorm(8)
+    with torch.no_grad():
+        grn.gamma.copy_(torch.randn(1, 1, 1, 8, generator=g))
+        grn.beta.copy_(torch.randn(1, 1, 1, 8, generator=g))
+    gx = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
+    want = (grn.gamma * (gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)) + 1) * x + grn.beta
+    assert torch.allclose(grn(x), want, atol=1e-6)
