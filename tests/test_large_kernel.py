@@ -365,3 +365,8 @@ def test_grn_matches_convnext_v2_formula():
     gx = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
     want = (grn.gamma * (gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)) + 1) * x + grn.beta
     assert torch.allclose(grn(x), want, atol=1e-6)
+    x = x.clone()
+    x[..., 3] = 0  # a dead channel: finite gradients, as with vector_norm
+    x.requires_grad_(True)
+    grn(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
