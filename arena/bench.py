@@ -28,10 +28,10 @@ import statistics
 import sys
 import time
 import weakref
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -211,16 +211,25 @@ def _peak_memory(step: Callable[[], Any], device: torch.device, resident: int) -
     return tracker.peak / 2**20
 
 
-def bench_backbone(name: str, img_size: int, settings: BenchSettings) -> dict[str, Any]:
-    """One result row: params, FLOPs, inference (and training) throughput and peak memory."""
+@contextmanager
+def clock_threads(settings: BenchSettings) -> Iterator[None]:
+    """Under ``clock="cpu"`` run with one intra-op thread: ops then run on the calling thread, whose
+    CPU time is the clock; the previous thread count comes back afterwards. A no-op otherwise."""
     if settings.clock == "wall":
-        return _bench_backbone(name, img_size, settings)
+        yield
+        return
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # ops then run on the calling thread, whose CPU time is the clock
+    torch.set_num_threads(1)
     try:
-        return _bench_backbone(name, img_size, settings)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def bench_backbone(name: str, img_size: int, settings: BenchSettings) -> dict[str, Any]:
+    """One result row: params, FLOPs, inference (and training) throughput and peak memory."""
+    with clock_threads(settings):
+        return _bench_backbone(name, img_size, settings)
 
 
 def _bench_backbone(name: str, img_size: int, settings: BenchSettings) -> dict[str, Any]:

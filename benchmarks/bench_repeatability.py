@@ -15,7 +15,7 @@ import statistics
 
 import torch
 
-from arena.bench import BenchSettings, bench_backbone, resolve_backbones, time_step
+from arena.bench import BenchSettings, bench_backbone, clock_threads, resolve_backbones, time_step
 
 CONTROL_SIZE = 512
 
@@ -24,13 +24,8 @@ def control_gflops(settings: BenchSettings) -> float:
     """GFLOP/s of a fixed matmul timed like a bench cell (one thread under the CPU clock)."""
     device = torch.device(settings.device)
     a, b = (torch.randn(CONTROL_SIZE, CONTROL_SIZE, device=device) for _ in range(2))
-    threads = torch.get_num_threads()
-    if settings.clock == "cpu":
-        torch.set_num_threads(1)
-    try:
+    with clock_threads(settings):
         step_s, _ = time_step(lambda: a @ b, device, settings)
-    finally:
-        torch.set_num_threads(threads)
     return 2 * CONTROL_SIZE ** 3 / step_s / 1e9
 
 

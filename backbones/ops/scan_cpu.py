@@ -125,7 +125,7 @@ def scan(lib: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
         first = 0 if t is None or not reverse else (l - 1) * t.stride(1)
         pointers.append(None if t is None else t.data_ptr() + 4 * first)
         strides += [0, 0] if t is None else [t.stride(0), -t.stride(1) if reverse else t.stride(1)]
-    rc = lib.arena_selective_scan(*pointers[:5], *(None if v is None else v.data_ptr() for v in vectors),
+    rc = lib.arena_selective_scan(*pointers[:5], *map(_ptr, vectors),
                                   pointers[5], h.data_ptr(), (ctypes.c_long * 12)(*strides), b, l, d, n, g,
                                   int(delta_softplus), torch.get_num_threads())
     _check_rc(rc, n, d, g)
@@ -134,7 +134,7 @@ def scan(lib: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
 
 def _check_rc(rc: int, n: int, d: int, g: int) -> None:
     if rc == 1:
-        raise ValueError(f"the fused CPU scan takes d_state <= 64 and channels divisible by groups, "
+        raise ValueError(f"the fused CPU scan takes d_state <= {MAX_STATE} and channels divisible by groups, "
                          f"got d_state {n}, {d} channels, {g} groups")
     if rc:
         raise MemoryError("the fused CPU scan could not allocate its working memory")

@@ -189,13 +189,18 @@ def _scan_blocks(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
         return _finish(y, u, D, z)
 
 
+def _time_major(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Tensor | None) -> dict[str, Tensor | None]:
+    """Views of the op's inputs in the CPU kernel's layouts: ``u, delta, z`` [b, l, d], ``B, C`` [b, l, g, n]."""
+    B, C = (t[:, None] if t.ndim == 3 else t for t in (B, C))
+    return {"u": u.transpose(1, 2), "delta": delta.transpose(1, 2), "B": B.permute(0, 3, 1, 2),
+            "C": C.permute(0, 3, 1, 2), "z": None if z is None else z.transpose(1, 2)}
+
+
 def _scan_fused(lib, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
                 delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
-    """The whole scan from a zero state by the compiled CPU kernel, which reads these [b, d, l] tensors time-major."""
+    """The whole scan from a zero state by the compiled CPU kernel."""
     b, d, l = u.shape
-    B, C = (t[:, None] if t.ndim == 3 else t for t in (B, C))
-    y = scan_cpu.scan(lib, u.transpose(1, 2), delta.transpose(1, 2), A, B.permute(0, 3, 1, 2), C.permute(0, 3, 1, 2),
-                      torch.zeros(b, A.shape[1], d), D=D, z=None if z is None else z.transpose(1, 2),
+    y = scan_cpu.scan(lib, **_time_major(u, delta, B, C, z), A=A, h=torch.zeros(b, A.shape[1], d), D=D,
                       delta_bias=delta_bias, delta_softplus=delta_softplus)
     return y.transpose(1, 2).to(u.dtype)
 
@@ -229,10 +234,8 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward_fused(lib, grad: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                     z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool) -> list[Tensor | None]:
     """Every input's gradient by the compiled CPU kernel, in the op's layouts and dtypes."""
-    Bg, Cg = (t[:, None] if t.ndim == 3 else t for t in (B, C))
-    time_major = {k: None if t is None else t.transpose(1, 2) for k, t in (("u", u), ("delta", delta), ("z", z))}
-    g = scan_cpu.scan_backward(lib, grad.transpose(1, 2), **time_major, A=A, B=Bg.permute(0, 3, 1, 2),
-                               C=Cg.permute(0, 3, 1, 2), D=D, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    g = scan_cpu.scan_backward(lib, grad.transpose(1, 2), **_time_major(u, delta, B, C, z), A=A, D=D,
+                               delta_bias=delta_bias, delta_softplus=delta_softplus)
     for k in ("u", "delta", "z"):
         if k in g:
             g[k] = g[k].transpose(1, 2)
