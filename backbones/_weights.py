@@ -27,7 +27,9 @@ A checkpoint whose keys all exist in the model (``arena convert`` output, Lightn
 ``model.state_dict()``) is used as is; any other goes through the family's
 ``checkpoint_filter_fn(state_dict, model)`` (timm's own filter for timm-backed models), which maps
 the official key layout, train or deploy form, to the model's. A wrapper holding both plain and
-EMA weights gives the plain ones (``state_dict``/``model``), as official evaluations use them.
+EMA weights gives the plain ones (``state_dict``/``model``), as official evaluations use them,
+unless the model's ``pretrained_cfg["state_dict_key"]`` names the one its release is evaluated
+with (GLNet-16g: ``model_ema``).
 
 >>> import tempfile, torch
 >>> from backbones import create_backbone
@@ -165,7 +167,8 @@ def read_checkpoint(source: Any, model: nn.Module | None = None, *, trust_pickle
     obj, metadata = _read_file(path, trust_pickle=trust_pickle)
     if described != str(path):
         described = f"{described} ({path})"
-    return Checkpoint(_unwrap(obj, described), described, metadata)
+    prefer = ((getattr(model, "pretrained_cfg", None) or {}).get("state_dict_key"),) if model is not None else ()
+    return Checkpoint(_unwrap(obj, described, prefer=tuple(k for k in prefer if k)), described, metadata)
 
 
 def default_location(model: nn.Module) -> tuple[str, str | None]:
@@ -297,8 +300,9 @@ def _unsafe_globals(path: Path) -> str:
     return f" ({', '.join(names)})" if names else ""
 
 
-def _unwrap(obj: Any, source: str) -> StateDict:
-    """The flat state dict inside a checkpoint: wrapper keys removed, DDP/compile prefixes stripped."""
+def _unwrap(obj: Any, source: str, *, prefer: tuple[str, ...] = ()) -> StateDict:
+    """The flat state dict inside a checkpoint: wrapper keys removed (``prefer``'s first), DDP/compile
+    prefixes stripped."""
     from timm.models import clean_state_dict
 
     while True:
@@ -308,7 +312,7 @@ def _unwrap(obj: Any, source: str) -> StateDict:
             raise ValueError(f"{source} holds a {type(obj).__name__}, not a state dict")
         if any(isinstance(v, Tensor) for v in obj.values()):
             break
-        key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), (Mapping, nn.Module))), None)
+        key = next((k for k in prefer + WRAPPER_KEYS if isinstance(obj.get(k), (Mapping, nn.Module))), None)
         if key is None:
             raise ValueError(f"{source} holds no state dict: its keys are {sorted(map(str, obj))[:12]}, none of them "
                              f"tensors or one of the wrappers {', '.join(WRAPPER_KEYS)}")

@@ -32,10 +32,10 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
-from ._features import Backbone, FeatureInfo, interpolate_pos_embed, pretrained_cfg_for
+from ._features import Backbone, FeatureInfo, pretrained_cfg_for
 from ._registry import register_backbone
 from .ops import scan_cpu
 from .ops.selective_scan import init_a_log, init_dt_bias, selective_scan
@@ -280,7 +280,7 @@ def resize_mid_cls_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> 
     """Resize a [1, 1 + h*w, C] position embedding whose class entry sits at index h*w // 2."""
     mid = (pos_embed.shape[1] - 1) // 2
     cls, patches = pos_embed[:, mid:mid + 1], torch.cat([pos_embed[:, :mid], pos_embed[:, mid + 1:]], dim=1)
-    patches = interpolate_pos_embed(patches, grid)
+    patches = resample_abs_pos_embed(patches, list(grid), num_prefix_tokens=0, antialias=False)
     new_mid = grid[0] * grid[1] // 2
     return torch.cat([patches[:, :new_mid], cls, patches[:, new_mid:]], dim=1)
 

@@ -13,6 +13,12 @@ one selective scan per route with its own parameters (one grouped call of
 
 Levels are the four stage outputs (strides 4, 8, 16, 32) before each downsampling, as in the
 official detection backbone; ``embed(x)`` is the classifier's norm + global average pool.
+``out_norm=True`` adds the official detection/segmentation backbone's channels-first LayerNorm
+on every level (``outnorm0..3``, mmdet/mmseg ``Backbone_VSSM``), which its checkpoints need.
+
+Two tiny layouts are released: ``vmamba_tiny`` is the s2l5 model (depths 2-2-5-2, ssm_ratio 2,
+``vssm_tiny_0230``) and ``vmamba_tiny_s1l8`` the current VMamba-T (depths 2-2-8-2, ssm_ratio 1,
+``vssm1_tiny_0230s``).
 
 >>> from backbones import create_backbone
 >>> model = create_backbone("vmamba_test")
@@ -23,9 +29,11 @@ from __future__ import annotations
 
 import math
 import re
+from functools import partial
 from typing import Any, Sequence
 
 import torch
+import timm.layers
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
@@ -37,11 +45,8 @@ from .ops.selective_scan import init_a_log, init_dt_bias, selective_scan
 ROUTES = 4  # row-major, column-major, and both reversed
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW map."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+# the official ``ln2d``: a channels-first LayerNorm with nn.LayerNorm's eps
+LayerNorm2d = partial(timm.layers.LayerNorm2d, eps=1e-5)
 
 
 class Linear2d(nn.Linear):
@@ -177,7 +182,8 @@ class VMamba(Backbone):
 
     def __init__(self, *, depths: Sequence[int] = (2, 2, 5, 2), dims: int | Sequence[int] = 96, d_state: int = 1,
                  ssm_ratio: float = 2.0, mlp_ratio: float = 4.0, in_chans: int = 3, num_classes: int = 0,
-                 drop_path_rate: float = 0.0, img_size: int = 224, out_indices: Sequence[int] | None = None) -> None:
+                 drop_path_rate: float = 0.0, img_size: int = 224, out_indices: Sequence[int] | None = None,
+                 out_norm: bool = False) -> None:
         super().__init__()
         dims = [dims * 2 ** i for i in range(len(depths))] if isinstance(dims, int) else list(dims)
         if len(dims) != len(depths):
@@ -195,6 +201,10 @@ class VMamba(Backbone):
         if num_classes:
             self.classifier["head"] = nn.Linear(dims[-1], num_classes)
         self.num_classes = num_classes
+        self.out_norm = out_norm
+        if out_norm:  # official module names, so mmdet/mmseg checkpoints load as they are
+            for i, d in enumerate(dims):
+                self.add_module(f"outnorm{i}", LayerNorm2d(d))
         self.all_feature_info = FeatureInfo(tuple(dims), tuple(4 * 2 ** i for i in range(len(dims))), dims[-1])
         self.set_out_indices(out_indices)
         self.input_multiple = 4 * 2 ** (len(dims) - 1)
@@ -212,7 +222,8 @@ class VMamba(Backbone):
         """The SSM's A and D, kept out of weight decay officially."""
         return {n for n, _ in self.named_parameters() if n.endswith((".A_logs", ".Ds"))}
 
-    def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's output before its downsampling (no ``outnorm``)."""
         x = self.patch_embed(x)
         levels = []
         for stage in self.layers:
@@ -221,9 +232,15 @@ class VMamba(Backbone):
             x = stage.downsample(x)
         return levels
 
+    def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        levels = self.stage_outputs(x)
+        if self.out_norm:
+            levels = [getattr(self, f"outnorm{i}")(y) for i, y in enumerate(levels)]
+        return levels
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input_size(x.shape[-2], x.shape[-1])
-        return self.classifier.norm(self.forward_levels(x)[-1]).mean((2, 3))
+        return self.classifier.norm(self.stage_outputs(x)[-1]).mean((2, 3))
 
     def get_classifier(self) -> nn.Module:
         if not self.num_classes:
@@ -241,8 +258,23 @@ _OFFICIAL_RENAMES = (
 )
 
 
+_OUTNORM = re.compile(r"^outnorm\d+\.")
+
+
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VMamba) -> dict[str, torch.Tensor]:
-    """Official MzeroMiko/VMamba keys -> this model's: index-named Sequentials become named modules."""
+    """Official MzeroMiko/VMamba keys -> this model's: index-named Sequentials become named modules.
+
+    Between the classification layout and the detection/segmentation one (``outnorm{i}``, no
+    classifier), what one side lacks keeps the model's initialization, as the official code does
+    when it starts a dense backbone from a classification checkpoint: fresh ``outnorm`` levels for
+    a classification checkpoint, the classifier norm for a dense one. A dense checkpoint into a
+    model without ``out_norm`` is refused: its levels would miss their norms.
+    """
+    dense = any(_OUTNORM.match(k) for k in state_dict)
+    if dense and not model.out_norm:
+        raise ValueError("this is an official VMamba detection/segmentation checkpoint: its levels are normalized "
+                         "by outnorm0-3, which the model lacks; build it with out_norm=True "
+                         "(create_backbone(..., out_norm=True), or +backbone.out_norm=true from Hydra)")
     out = {}
     for k, v in state_dict.items():
         if k.startswith("classifier.head.") and not model.num_classes:
@@ -250,6 +282,9 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VMamba) -> 
         for pattern, repl in _OFFICIAL_RENAMES:
             k = re.sub(pattern, repl, k)
         out[k] = v
+    own = model.state_dict()
+    fill = _OUTNORM if not dense else re.compile(r"^classifier\.norm\.")
+    out.update({k: v for k, v in own.items() if fill.match(k) and k not in out})
     return out
 
 
@@ -259,12 +294,14 @@ def _create_vmamba(variant: str, **kwargs: Any) -> VMamba:
     return model
 
 
-# ImageNet-1k releases of the v2 models (github.com/MzeroMiko/VMamba, release #20240316).
-_RELEASE = "https://github.com/MzeroMiko/VMamba/releases/download/%2320240316/"
+# ImageNet-1k releases of the v2 models (github.com/MzeroMiko/VMamba): the current ones in the
+# #v2cls release (README "Classification on ImageNet-1K"), the s2l5 tiny in #20240316.
+_RELEASE = "https://github.com/MzeroMiko/VMamba/releases/download/"
 _URLS = {
-    "vmamba_tiny": _RELEASE + "vssm_tiny_0230_ckpt_epoch_262.pth",
-    "vmamba_small": _RELEASE + "vssm_small_0229_ckpt_epoch_222.pth",
-    "vmamba_base": _RELEASE + "vssm_base_0229_ckpt_epoch_237.pth",
+    "vmamba_tiny": _RELEASE + "%2320240316/vssm_tiny_0230_ckpt_epoch_262.pth",
+    "vmamba_tiny_s1l8": _RELEASE + "%23v2cls/vssm1_tiny_0230s_ckpt_epoch_264.pth",
+    "vmamba_small": _RELEASE + "%23v2cls/vssm_small_0229_ckpt_epoch_222.pth",
+    "vmamba_base": _RELEASE + "%23v2cls/vssm_base_0229_ckpt_epoch_237.pth",
 }
 
 
@@ -276,6 +313,11 @@ def vmamba_test(**kw: Any) -> VMamba:
 @register_backbone(family="state-space")
 def vmamba_tiny(**kw: Any) -> VMamba:
     return _create_vmamba("vmamba_tiny", **{"depths": (2, 2, 5, 2), "dims": 96, **kw})
+
+
+@register_backbone(family="state-space")
+def vmamba_tiny_s1l8(**kw: Any) -> VMamba:
+    return _create_vmamba("vmamba_tiny_s1l8", **{"depths": (2, 2, 8, 2), "dims": 96, "ssm_ratio": 1.0, **kw})
 
 
 @register_backbone(family="state-space")

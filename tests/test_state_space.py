@@ -76,6 +76,7 @@ FULL_LAYOUTS = [
     ("vim_small", lambda nc: official_vim_layout(384, 24, num_classes=nc)),
     ("vim_base", lambda nc: official_vim_layout(768, 24, num_classes=nc)),
     ("vmamba_tiny", lambda nc: official_vmamba_layout(96, (2, 2, 5, 2), num_classes=nc)),
+    ("vmamba_tiny_s1l8", lambda nc: official_vmamba_layout(96, (2, 2, 8, 2), ssm_ratio=1.0, num_classes=nc)),
     ("vmamba_small", lambda nc: official_vmamba_layout(96, (2, 2, 15, 2), num_classes=nc)),
     ("vmamba_base", lambda nc: official_vmamba_layout(128, (2, 2, 15, 2), num_classes=nc)),
 ]
@@ -115,6 +116,64 @@ def test_official_state_dict_loads_strictly(name, layout, module, tmp_path):
     torch.save({"model_ema": state, "epoch": 300}, path)
     report = load_pretrained(create_backbone(name), str(path))
     assert report.ok
+
+
+def _to_official_vmamba(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This model's keys written back in the official layout (the inverse of the family's renames)."""
+    renames = (("patch_embed.conv1.", "patch_embed.0."), ("patch_embed.norm1.", "patch_embed.2."),
+               ("patch_embed.conv2.", "patch_embed.5."), ("patch_embed.norm2.", "patch_embed.7."),
+               (".downsample.conv.", ".downsample.1."), (".downsample.norm.", ".downsample.3."))
+    out = {}
+    for k, v in state.items():
+        for ours, theirs in renames:
+            k = k.replace(ours, theirs)
+        out[k] = v
+    return out
+
+
+def test_vmamba_official_dense_checkpoint_loads_strictly_and_matches(tmp_path):
+    """mmdet/mmseg's Backbone_VSSM: outnorm0-3 on every level, no classifier, under ``backbone.``."""
+    from backbones._weights import load_pretrained
+
+    source = create_backbone("vmamba_test", out_norm=True).eval()
+    with torch.no_grad():
+        for i in range(4):  # trained norms, so that a model without them computes something else
+            getattr(source, f"outnorm{i}").weight.normal_(1, 0.5)
+            getattr(source, f"outnorm{i}").bias.normal_(0, 0.5)
+    official = {k: v for k, v in _to_official_vmamba(source.state_dict()).items() if not k.startswith("classifier.")}
+    layout = {k: s for k, s in official_vmamba_layout(16, (1, 1, 1, 1)).items() if not k.startswith("classifier.")}
+    layout.update({f"outnorm{i}.{p}": (16 * 2 ** i,) for i in range(4) for p in ("weight", "bias")})
+    assert {k: tuple(v.shape) for k, v in official.items()} == layout
+    path = tmp_path / "upernet_vssm.pth"
+    torch.save({"meta": {}, "state_dict": {**{f"backbone.{k}": v for k, v in official.items()},
+                                           "decode_head.conv_seg.bias": torch.zeros(150)}}, path)
+
+    model = create_backbone("vmamba_test", out_norm=True).eval()
+    report = load_pretrained(model, str(path))
+    assert report.ok
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(model(x), source(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out_norm=True"):
+        load_pretrained(create_backbone("vmamba_test"), str(path))
+
+
+def test_vmamba_classification_checkpoint_starts_a_dense_backbone(tmp_path):
+    """As the official dense backbones start: the classification weights, fresh (identity) outnorms."""
+    from backbones._weights import load_pretrained
+
+    source = create_backbone("vmamba_test", num_classes=1000).eval()
+    path = tmp_path / "vssm.pth"
+    torch.save({"model": _to_official_vmamba(source.state_dict())}, path)
+    model = create_backbone("vmamba_test", out_norm=True).eval()
+    assert load_pretrained(model, str(path)).ok
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        levels = source.stage_outputs(x)
+        for i, (a, b) in enumerate(zip(model(x), levels)):
+            torch.testing.assert_close(a, getattr(model, f"outnorm{i}")(b), rtol=0, atol=0)
+        torch.testing.assert_close(model.embed(x), source.embed(x), rtol=0, atol=0)
 
 
 def test_vim_checkpoint_at_another_resolution_is_resized():
@@ -249,7 +308,7 @@ def test_vmamba_cross_scan_routes():
 
 @pytest.mark.parametrize("name,params_m,tolerance", [
     ("vim_tiny", 7, 0.025), ("vim_small", 26, 0.02), ("vim_base", 98, 0.02),
-    ("vmamba_tiny", 30, 0.025), ("vmamba_small", 50, 0.02), ("vmamba_base", 89, 0.02),
+    ("vmamba_tiny", 30, 0.025), ("vmamba_tiny_s1l8", 30, 0.025), ("vmamba_small", 50, 0.02), ("vmamba_base", 89, 0.02),
 ])
 def test_parameter_counts_match_the_papers(name, params_m, tolerance):
     """Papers count the 1000-class head; they round (Vim-Ti 7.15M -> "7M", VMamba-T 30.7M -> "30M")."""
