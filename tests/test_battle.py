@@ -98,7 +98,7 @@ def test_each_cell_is_its_own_wandb_run_in_the_battle_group(make_cfg, tmp_path: 
 
 def _multirun(log_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``python train.py -m experiment=battle_test ...`` in this process."""
-    monkeypatch.setattr(sys, "argv", ["train.py", "-m", f"--config-path={ROOT / 'conf'}", "experiment=battle_test", "logger=csv", "~logger.wandb",
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m", f"--config-path={ROOT / 'conf'}", "experiment=battle_test", "logger=csv",
                                       f"paths.log_dir={log_dir}", "trainer.accelerator=cpu",
                                       "backbone=convnext_test", "task=classification", "seed=0,1,2"])
     GlobalHydra.instance().clear()
@@ -167,7 +167,7 @@ def test_cells_run_as_separate_processes_through_submitits_local_launcher(tmp_pa
 
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=battle_test", "hydra/launcher=local",
            "backbone=convnext_test", "task=classification", "seed=0,1", f"paths.log_dir={tmp_path}", "logger=csv",
-           "~logger.wandb", "trainer.accelerator=cpu"]
+           "trainer.accelerator=cpu"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     battle = tmp_path / "battles" / "test"
