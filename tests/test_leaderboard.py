@@ -46,38 +46,38 @@ def battle_records() -> list[dict]:
 
 def test_zscores_task_scores_ranks_and_seeds() -> None:
     board = build_leaderboard(battle_records())
-    t = board.table.set_index("backbone")
+    t = board.table.set_index("entry")
     assert t.loc["a_net", "score_classification"] == pytest.approx(-Z)
     assert t.loc["c_net", "score_classification"] == pytest.approx(Z)
     assert t.loc["a_net", "score_segmentation"] == pytest.approx(Z)
     assert t.loc["b_net", "score_segmentation"] == pytest.approx(-Z)
     assert t.loc[["a_net", "b_net", "c_net"], "score"].tolist() == pytest.approx([0.0, -Z / 2, Z / 2])
     assert t.loc[["c_net", "a_net", "b_net"], "rank"].tolist() == [1, 2, 3]
-    assert list(board.table["backbone"][:3]) == ["c_net", "a_net", "b_net"]
+    assert list(board.table["entry"][:3]) == ["c_net", "a_net", "b_net"]
     col = "classification/shapes/fine_tune:acc1"
     assert t.loc["a_net", col] == pytest.approx(0.1) and t.loc["a_net", f"{col}_std"] == pytest.approx(0.05 * math.sqrt(2))
-    cells = board.cells.set_index(["backbone", "task"])
+    cells = board.cells.set_index(["entry", "task"])
     assert cells.loc[("a_net", "classification"), "seeds"] == 2 and cells.loc[("a_net", "segmentation"), "seeds"] == 1
     assert t.loc["a_net", "seeds"] == 1  # the table shows the fewest seeds over its settings
     assert t.loc["c_net", col] == pytest.approx(0.3)  # the newer record of the same cell counts
     assert t.loc[["a_net", "b_net", "c_net"], "size"].tolist() == ["<10M", "10-30M", "30-90M"]
-    assert t.loc["c_net", "gflops"] == pytest.approx(0.5)
+    assert t.loc["c_net", "gmacs"] == pytest.approx(0.25)
 
 
 def test_failed_and_missing_cells_are_listed_not_scored() -> None:
     board = build_leaderboard(battle_records())
-    t = board.table.set_index("backbone")
-    failed = set(zip(board.failed["backbone"], board.failed["task"], board.failed["seed"]))
+    t = board.table.set_index("entry")
+    failed = set(zip(board.failed["entry"], board.failed["task"], board.failed["seed"]))
     assert failed == {("b_net", "segmentation", 1), ("d_net", "classification", 0)}
     assert (board.failed["error"] == "RuntimeError: boom").all()
     assert t.loc["d_net", "coverage"] == "0/2" and np.isnan(t.loc["d_net", "score"]) and np.isnan(t.loc["d_net", "rank"])
-    assert set(board.missing["backbone"]) == {"d_net"} and len(board.missing) == 2
+    assert set(board.missing["entry"]) == {"d_net"} and len(board.missing) == 2
 
 
 def test_partial_coverage_keeps_its_score_but_gets_no_rank() -> None:
     records = [rec("a_net", "classification", 0.1), rec("b_net", "classification", 0.3), rec("e_net", "classification", 0.2),
                rec("a_net", "segmentation", 0.2), rec("b_net", "segmentation", 0.1)]
-    t = build_leaderboard(records).table.set_index("backbone")
+    t = build_leaderboard(records).table.set_index("entry")
     assert t.loc["e_net", "coverage"] == "1/2" and np.isnan(t.loc["e_net", "rank"])
     assert t.loc["e_net", "score"] == pytest.approx(0.0)  # its one task, not averaged with a made-up value
     assert t.loc["b_net", "score"] == pytest.approx((Z + -1.0) / 2)  # seg: two backbones -> z = +-1
@@ -93,11 +93,11 @@ def test_pareto_front() -> None:
                           "infer_samples_per_sec": [100.0, 50.0, 80.0, 10.0], "infer_peak_mem_mb": [1.0, 2.0, 3.0, 9.0],
                           "family": ["hybrid", "state-space", "baseline", "baseline"], "error": [None] * 4})
     board = build_leaderboard(battle_records(), bench)
-    t = board.table.set_index("backbone")
+    t = board.table.set_index("entry")
     assert board.efficiency_axis == "infer_samples_per_sec"
     assert t.loc["c_net", "infer_samples_per_sec"] == 80.0  # the bench row at the records' resolution
     assert t["pareto"].to_dict() == {"c_net": True, "a_net": True, "b_net": False, "d_net": False}
-    without = build_leaderboard(battle_records()).table.set_index("backbone")  # GFLOPs axis: lower is better
+    without = build_leaderboard(battle_records()).table.set_index("entry")  # GFLOPs axis: lower is better
     assert without["pareto"].to_dict() == {"c_net": True, "a_net": False, "b_net": False, "d_net": False}
 
 
@@ -114,8 +114,8 @@ def test_published_files_reproduce_from_records_on_disk(tmp_path: Path) -> None:
         assert (out / name).stat().st_size > 0, name
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    csv = pd.read_csv(out / "leaderboard.csv").set_index("backbone")
-    memory = build_leaderboard(battle_records(), pd.read_csv(bench)).table.set_index("backbone")
+    csv = pd.read_csv(out / "leaderboard.csv").set_index("entry")
+    memory = build_leaderboard(battle_records(), pd.read_csv(bench)).table.set_index("entry")
     assert csv["score"].tolist() == pytest.approx(memory["score"].tolist(), nan_ok=True)
     assert csv["rank"].tolist() == pytest.approx(memory["rank"].tolist(), nan_ok=True)
     assert len(list(find_records(tmp_path / "runs"))) == len(battle_records())
