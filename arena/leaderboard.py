@@ -304,7 +304,7 @@ def csv_safe(df: pd.DataFrame) -> pd.DataFrame:
     def cell(v: Any) -> Any:
         return "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v
 
-    return df.apply(lambda col: col.map(cell) if col.dtype == object else col)
+    return df.apply(lambda col: col if pd.api.types.is_numeric_dtype(col) else col.map(cell))
 
 
 def _md_cell(v: Any) -> str:
