@@ -98,7 +98,7 @@ def test_pareto_front() -> None:
     assert board.efficiency_axis == "infer_samples_per_sec"
     assert t.loc["c_net", "infer_samples_per_sec"] == 80.0  # the bench row at the records' resolution
     assert t["pareto"].to_dict() == {"c_net": True, "a_net": True, "b_net": False, "d_net": False}
-    without = build_leaderboard(battle_records()).table.set_index("entry")  # GFLOPs axis: lower is better
+    without = build_leaderboard(battle_records()).table.set_index("entry")  # GMACs axis: lower is better
     assert without["pareto"].to_dict() == {"c_net": True, "a_net": False, "b_net": False, "d_net": False}
 
 
