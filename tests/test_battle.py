@@ -122,7 +122,7 @@ def test_killed_battle_reruns_only_unfinished_cells(tmp_path: Path, monkeypatch:
     assert all((d / "checkpoints" / "last.ckpt").exists() for d in cells.values())
     bench = (battle / "bench.csv").read_text()  # the efficiency columns, measured once
     board = pd.read_csv(battle / "leaderboard" / "leaderboard.csv")
-    assert board.loc[0, "backbone"] == "convnext_test" and board.loc[0, "infer_samples_per_sec"] > 0
+    assert board.loc[0, "entry"] == "convnext_test" and board.loc[0, "infer_samples_per_sec"] > 0
 
     (cells[1] / RECORD_NAME).unlink()  # killed after its checkpoint, before its record
     failed = json.loads(first[2]) | {"status": "failed", "error": "RuntimeError: killed", "metrics": {}}
