@@ -34,7 +34,8 @@ from hydra.experimental.callback import Callback
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .records import RECORD_NAME, RecordError, RecordScan, config_hash, make_record, read_record, scan_records, write_record
+from .records import (RECORD_NAME, RecordError, RecordScan, config_hash, make_record, read_record, scan_records,
+                      write_record)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -192,8 +193,10 @@ class BattleLock:
         return data if isinstance(data, dict) else {}
 
     def acquire(self) -> None:
+        """Take the lock, or a stale one (warning); ``RuntimeError`` naming the holder when a battle runs."""
         me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
+              "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"{LOCK_NAME}.{me['pid']}.tmp")
         tmp.write_text(json.dumps(me))
@@ -215,8 +218,9 @@ class BattleLock:
         pid, host = old.get("pid"), old.get("host")
         ours = host == me["host"] and isinstance(pid, int)
         if ours and (pid == me["pid"] or not _pid_alive(pid)):
-            log.warning("taking over the stale battle lock %s (pid %s on %s, started %s, is gone)",
-                        self.path, pid, host, old.get("started"))
+            why = "left by an earlier multirun of this process" if pid == me["pid"] else "is gone"
+            log.warning("taking over the stale battle lock %s (pid %s on %s, started %s, %s)",
+                        self.path, pid, host, old.get("started"), why)
             return
         who = f"pid {pid} on host {host}, started {old.get('started')}: {old.get('command')}" if old else "unreadable"
         raise RuntimeError(f"another battle runs in {self.path.parent} (lock {self.path}: {who}); wait for it, use "

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -80,7 +79,8 @@ def records_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     for r in records:
         metric = r.get("primary_metric") or ""
         rows.append({
-            KEY: r.get("entry") or r["backbone"], "architecture": r["backbone"], "weights": r.get("weights") or "random",
+            KEY: r.get("entry") or r["backbone"], "architecture": r["backbone"],
+            "weights": r.get("weights") or "random",
             "pretraining": r.get("pretraining") or "none", "family": r["family"], "task": r["task"],
             "dataset": r["dataset"], "mode": r["mode"], "seed": int(r["seed"]), "status": r["status"],
             "metric": metric, "value": r["metrics"].get(metric, np.nan), "params": r.get("params"),
@@ -96,7 +96,8 @@ def records_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
 
 
 def parse_filters(items: Sequence[str]) -> dict[str, list[str]]:
-    """``["pretraining=none", "family=hybrid", "family=baseline"]`` -> ``{key: [values]}`` (a key's values are OR-ed)."""
+    """``["pretraining=none", "family=hybrid", "family=baseline"]`` -> ``{key: [values]}``; a key's values
+    are alternatives."""
     out: dict[str, list[str]] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -293,7 +294,8 @@ def bench_settings_line(bench: pd.DataFrame | None) -> str:
     for col, label in (("infer_img_size", "resolution (px)"), ("infer_batch_size", "batch"), ("device", "device"),
                        ("threads", "threads"), ("clock", "clock"), ("precision", "precision"), ("form", "form")):
         if col in ok and ok[col].notna().any():
-            values = sorted({int(v) if isinstance(v, float) and v.is_integer() else v for v in ok[col].dropna()}, key=str)
+            values = sorted({int(v) if isinstance(v, float) and v.is_integer() else v for v in ok[col].dropna()},
+                            key=str)
             parts.append(f"{label} {', '.join(str(v) for v in values)}")
     return "Throughput and memory measured by arena bench: " + "; ".join(parts) + "."
 
@@ -365,7 +367,8 @@ def plot_pareto(board: Leaderboard, path: Path) -> Path:
     front = t[t["pareto"]].sort_values(axis)
     ax.plot(front[axis], front["score"], "k--", lw=1)
     ax.scatter(front[axis], front["score"], s=150, facecolors="none", edgecolors="k", label="Pareto front")
-    ax.set_xlabel("inference throughput (img/s)" if axis == "infer_samples_per_sec" else "GMACs per image (lower is better)")
+    ax.set_xlabel("inference throughput (img/s)" if axis == "infer_samples_per_sec"
+                  else "GMACs per image (lower is better)")
     ax.set_ylabel("overall score (mean z)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -527,7 +530,8 @@ def to_html(board: Leaderboard, images: Sequence[Path] = (), group: str | None =
                     f'data-pretraining="{html.escape(str(raw.loc[i, "pretraining"]))}"{cls}>{cells}</tr>')
     selects = " ".join(
         f'<label>{col} <select data-col="{col}"><option value="">all</option>'
-        + "".join(f'<option value="{html.escape(v)}">{html.escape(v)}</option>' for v in sorted(raw[col].dropna().unique()))
+        + "".join(f'<option value="{html.escape(v)}">{html.escape(v)}</option>'
+                  for v in sorted(raw[col].dropna().unique()))
         + "</select></label>" for col in ("family", "pretraining"))
     extra = [f"<h2>{html.escape(title)}</h2>" + df.map(_fmt).to_html(index=False, escape=True)
              for title, df in _sections(board, group)]

@@ -131,8 +131,8 @@ def record_problems(rec: Any) -> list[str]:
         return [f"lacks required keys {missing}"]
     problems = []
     if not isinstance(rec["schema_version"], int) or rec["schema_version"] > SCHEMA_VERSION:
-        problems.append(f"schema_version {rec['schema_version']!r} is not one this version reads (1..{SCHEMA_VERSION}); "
-                        f"upgrade backbone-arena")
+        problems.append(f"schema_version {rec['schema_version']!r} is not one this version reads "
+                        f"(1..{SCHEMA_VERSION}); upgrade backbone-arena")
     if rec["status"] not in STATUSES:
         problems.append(f"status {rec['status']!r} is not one of {STATUSES}")
     for key in ("backbone", "family", "task", "mode", "dataset", "primary_metric", "created",

@@ -232,7 +232,8 @@ def test_battle_name_and_cells_cannot_leave_the_battle_directory(make_cfg, tmp_p
     fake = FakeTrain()
     battle = tmp_path / "battle"
     with pytest.raises(ValueError, match="outside the battle directory"):
-        run_cell(make_cfg("backbone=convnext_test"), battle / "classification" / ".." / ".." / "x", [], fake, root=battle)
+        run_cell(make_cfg("backbone=convnext_test"), battle / "classification" / ".." / ".." / "x", [], fake,
+                 root=battle)
     assert fake.ran == [] and not (tmp_path / "x").exists()
 
 

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from arena.cli import main as cli_main
-from arena.leaderboard import build_leaderboard, csv_safe, pareto_front, parse_filters, sort_key, to_html, write_leaderboard
+from arena.leaderboard import (build_leaderboard, csv_safe, pareto_front, parse_filters, sort_key, to_html,
+                               write_leaderboard)
 from arena.records import RECORD_NAME, find_records, write_json_atomic
 
 Z = math.sqrt(1.5)  # z-scores of three equally spaced means: -sqrt(3/2), 0, +sqrt(3/2)
@@ -164,7 +165,8 @@ def test_unreadable_records_are_listed_and_the_rest_scored(tmp_path: Path, capsy
     for reason in bad.values():
         assert listed["reason"].str.contains(reason, regex=False).sum() >= 1, reason
     assert all(Path(p).name == RECORD_NAME and Path(p).is_file() for p in listed["path"])
-    md, page, console = (out / "leaderboard.md").read_text(), (out / "leaderboard.html").read_text(), capsys.readouterr()
+    md, page = (out / "leaderboard.md").read_text(), (out / "leaderboard.html").read_text()
+    console = capsys.readouterr()
     for text in (md, page, console.out):
         assert "Unreadable records" in text and "is not an integer" in text
         assert all(p in text for p in listed["path"])
@@ -184,11 +186,13 @@ def test_entries_are_rows_grouped_and_filtered(tmp_path: Path) -> None:
     records = [rec("a_net", "classification", 0.1), in1k, rec("b_net", "classification", 0.3)]  # two without entry keys
     t = build_leaderboard(records).table.set_index("entry")
     assert sorted(t.index) == ["a_net", "a_net.in1k", "b_net"]
-    assert t.loc["a_net.in1k", ["architecture", "weights", "pretraining"]].tolist() == ["a_net", "in1k", "supervised-in1k"]
+    assert t.loc["a_net.in1k", ["architecture", "weights", "pretraining"]].tolist() == \
+        ["a_net", "in1k", "supervised-in1k"]
     assert t.loc["a_net", ["architecture", "weights", "pretraining"]].tolist() == ["a_net", "random", "none"]
     assert t.loc["a_net.in1k", "rank"] == 1 and t.loc["a_net", "rank"] == 3
     random_only = build_leaderboard(records, where=parse_filters(["pretraining=none"])).table
-    assert sorted(random_only["entry"]) == ["a_net", "b_net"] and random_only["score"].tolist() == pytest.approx([1, -1])
+    assert sorted(random_only["entry"]) == ["a_net", "b_net"]
+    assert random_only["score"].tolist() == pytest.approx([1, -1])
     with pytest.raises(ValueError, match="--filter pretraining=none"):
         parse_filters(["pretrain=none"])
     _write_runs(tmp_path / "runs", records)
