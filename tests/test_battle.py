@@ -65,11 +65,12 @@ def test_changed_config_or_torn_record_is_redone(make_cfg, tmp_path: Path) -> No
     fake = FakeTrain()
     run_cell(make_cfg("backbone=convnext_test"), tmp_path / "a", [], fake)
     run_cell(make_cfg("backbone=convnext_test", "trainer.max_epochs=5"), tmp_path / "a", [], fake)  # other hash
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / RECORD_NAME).write_text('{"status": "compl')  # a torn record is not a result
-    run_cell(make_cfg("backbone=convnext_test"), tmp_path / "b", [], fake)
-    assert len(fake.ran) == 3
-    assert read_record(tmp_path / "b")["status"] == "complete"
+    for cell, text in (("b", '{"status": "compl'), ("c", "null"), ("d", "42")):  # torn or not a record: redone
+        (tmp_path / cell).mkdir()
+        (tmp_path / cell / RECORD_NAME).write_text(text)
+        run_cell(make_cfg("backbone=convnext_test"), tmp_path / cell, [], fake)
+        assert read_record(tmp_path / cell)["status"] == "complete"
+    assert len(fake.ran) == 5
 
 
 def test_resume_only_from_a_checkpoint_of_the_same_config(make_cfg, tmp_path: Path) -> None:
