@@ -411,8 +411,8 @@ def plot_tasks(board: Leaderboard, path: Path) -> Path:
 
 
 def plot_scaling(bench: pd.DataFrame, path: Path) -> Path:
-    """Inference throughput and peak memory against resolution, one line per backbone, one colour and one
-    legend entry per family."""
+    """Inference throughput and peak memory against resolution, one named line per backbone, one colour and
+    one legend entry per family."""
     import matplotlib.pyplot as plt
 
     ok = _measured(bench)
@@ -421,8 +421,10 @@ def plot_scaling(bench: pd.DataFrame, path: Path) -> Path:
     for name, g in ok.sort_values("infer_img_size").groupby("model"):
         family = g["family"].iloc[0]
         c = colours.get(family)
-        axes[0].plot(g["infer_img_size"], g["infer_samples_per_sec"], "o-", color=c)
-        axes[1].plot(g["infer_img_size"], g["infer_peak_mem_mb"], "o-", color=c)
+        for ax, col in zip(axes, ("infer_samples_per_sec", "infer_peak_mem_mb")):
+            ax.plot(g["infer_img_size"], g[col], "o-", color=c)
+            ax.annotate(_mathtext_safe(name), (g["infer_img_size"].iloc[-1], g[col].iloc[-1]), fontsize=7,
+                        xytext=(3, 0), textcoords="offset points", color=c)
     for ax, label in zip(axes, ("inference throughput (img/s)", "inference peak memory (MiB)")):
         ax.set_xlabel("resolution (px)")
         ax.set_ylabel(label)
