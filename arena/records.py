@@ -25,6 +25,8 @@ STATUSES = ("complete", "failed")
 REQUIRED_KEYS = ("schema_version", "status", "stage", "backbone", "family", "task", "mode", "dataset", "seed",
                  "primary_metric",
                  "config_hash", "metrics", "params", "flops", "wall_time_s", "versions", "created")
+# what records written before entries existed mean: an untrained architecture
+ENTRY_DEFAULTS = {"weights": "random", "pretraining": "none"}
 # keys that change where or how a run is launched but not what it computes
 _NOT_HASHED = {"data": ("num_workers",), "trainer": ("enable_progress_bar", "default_root_dir", "log_every_n_steps")}
 
@@ -83,12 +85,15 @@ def make_record(*, stage: str, status: str, cfg: DictConfig, family: str, metric
                 primary_metric: str, checkpoint: str | None = None, error: str | None = None, **extra: Any) -> dict[str, Any]:
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    from arena.config import entry_fields  # here: reading records (leaderboards) needs neither torch nor timm
+
     task = cfg.task
     return {
         "schema_version": SCHEMA_VERSION,
         "status": status,
         "stage": stage,
         "backbone": cfg.backbone.name,
+        **entry_fields(cfg.backbone),
         "family": family,
         "task": task.name,
         "mode": task.get("mode", "fine_tune"),
@@ -127,7 +132,7 @@ def read_record(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in rec]
     if missing:
         raise ValueError(f"{path} is not a run record: it lacks {missing}")
-    return rec
+    return {**ENTRY_DEFAULTS, "entry": rec["backbone"], **rec}
 
 
 def find_records(root: str | Path) -> Iterator[dict[str, Any]]:

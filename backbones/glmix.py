@@ -300,7 +300,7 @@ _URLS = {
 
 def _create_glnet(variant: str, **kwargs: Any) -> GLNet:
     model = GLNet(**kwargs)
-    model.pretrained_cfg.update(url=_URLS.get(variant))
+    model.pretrained_cfg.update(url=_URLS.get(variant), tag="in1k" if variant in _URLS else None)
     return model
 
 

@@ -430,8 +430,10 @@ def _create_vit_comer(variant: str, **kwargs: Any) -> ViTCoMer:
 # The official ViT-CoMer checkpoints are published on Baidu Pan only; its training starts from
 # these DeiT releases, which load into the ViT part.
 _CFGS = {
-    "vit_comer_tiny": dict(url="https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth"),
-    "vit_comer_small": dict(url="https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth"),
+    "vit_comer_tiny": dict(url="https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth",
+                           tag="deit_in1k"),
+    "vit_comer_small": dict(url="https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth",
+                            tag="deit_in1k"),
     "vit_comer_test": dict(url=None),
 }
 
