@@ -32,9 +32,15 @@ _NOT_HASHED = {"data": ("num_workers",), "trainer": ("enable_progress_bar", "def
 
 
 def config_hash(cfg: DictConfig | dict[str, Any]) -> str:
-    """Stable short hash of what a run computes: backbone, task, data, trainer and seed."""
+    """Stable short hash of what a run computes: backbone (with the content of a weights file), task, data,
+    trainer and seed."""
+    from arena.config import entry_fields  # here: reading records (leaderboards) needs neither torch nor timm
+
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     keep = {k: c.get(k) for k in ("backbone", "task", "data", "trainer", "seed")}
+    weights = entry_fields(keep["backbone"])["weights"] if isinstance(keep["backbone"], dict) else ""
+    if weights.startswith("file:"):  # the config names a file by its path; retrained weights are another run
+        keep["weights"] = weights
     for group, keys in _NOT_HASHED.items():
         if isinstance(keep.get(group), dict):
             keep[group] = {k: v for k, v in keep[group].items() if k not in keys}
@@ -85,7 +91,7 @@ def make_record(*, stage: str, status: str, cfg: DictConfig, family: str, metric
                 primary_metric: str, checkpoint: str | None = None, error: str | None = None, **extra: Any) -> dict[str, Any]:
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-    from arena.config import entry_fields  # here: reading records (leaderboards) needs neither torch nor timm
+    from arena.config import entry_fields
 
     task = cfg.task
     return {

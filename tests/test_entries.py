@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from safetensors.torch import save_file
 
 from arena.config import backbone_node, check_backbone_override, entry_fields
-from arena.records import make_record, read_record, write_record
+from arena.records import config_hash, make_record, read_record, write_record
 from arena.run import build_run, finish_run
 from backbones import create_backbone
 from backbones._weights import identify_weights, pretrained_tags, pretraining_of, tag_source, tagged_cfg
@@ -124,6 +124,9 @@ def test_two_weights_of_one_architecture_are_two_cells_and_records(make_cfg, tmp
     assert (tagged["backbone"], tagged["weights"], tagged["pretraining"], tagged["entry"]) == (
         "convnext_test", f"file:pretrained_here.safetensors@{_sha8(weights)}", "unknown", "convnext_test.shapes")
     assert random["config_hash"] != tagged["config_hash"]
+    save_file({k: v + 1 for k, v in state.items()}, weights)  # retrained in place: another run
+    assert config_hash(make_cfg("experiment=battle", "backbone=convnext_test", "trainer.fast_dev_run=true",
+                                f"backbone.pretrained={weights}", "backbone.tag=shapes")) != tagged["config_hash"]
 
 
 def test_records_without_entry_fields_read_as_untrained(make_cfg, tmp_path: Path) -> None:
