@@ -537,8 +537,8 @@ _CLIP_WORDS = re.compile(r"clip|openai|laion\w*|siglip\d*|metaclip|datacomp\w*|d
 _SELF_SUPERVISED_WORDS = re.compile(r"dino(v\d)?|mae|ibot|moco(v\d)?|simclr(v\d)?|byol|swav|mim|beit(v\d)?|data2vec")
 _SUPERVISED_WORDS = {"in1k": "supervised-in1k", "in12k": "supervised-in12k", "in21k": "supervised-in22k",
                      "in22k": "supervised-in22k"}
-_SUPERVISED_CLASSES = {1000: "supervised-in1k", 11821: "supervised-in12k", 21841: "supervised-in22k",
-                       21843: "supervised-in22k"}
+# classifier sizes that only ImageNet-12k/22k training gives (1000 classes may be a fine-tuning head)
+_SUPERVISED_CLASSES = {11821: "supervised-in12k", 21841: "supervised-in22k", 21843: "supervised-in22k"}
 
 
 def check_tag(tag: Any) -> str:
@@ -588,11 +588,12 @@ def pretrained_tags(name: str) -> list[str]:
     >>> "fb_in22k" in pretrained_tags("convnext_tiny"), pretrained_tags("unireplknet_t")
     (True, ['in1k'])
     """
-    if not _release(name):
+    release = _release(name)
+    if not release:
         return []
     arch = _timm_architecture(name)
     if arch is None:
-        return [_release(name)["tag"]] if _release(name).get("tag") else []
+        return [release["tag"]] if release.get("tag") else []
     import timm
 
     return [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]

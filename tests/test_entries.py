@@ -86,7 +86,8 @@ def test_pretraining_from_names(arch: str, tag: str, expected: str) -> None:
 
 def test_pretraining_from_timm_class_count() -> None:
     assert pretraining_of("x", num_classes=21841) == "supervised-in22k"
-    assert pretraining_of("x", num_classes=None) == "unknown"
+    assert pretraining_of("x", num_classes=1000) == "unknown"  # a fine-tuning head says nothing of pretraining
+    assert identify_weights("timm/resnet50", True, "fb_swsl_ig1b_ft_in1k").pretraining == "unknown"
 
 
 # --- local files ----------------------------------------------------------------------------------------------
