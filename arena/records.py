@@ -29,14 +29,22 @@ REQUIRED_KEYS = ("schema_version", "status", "stage", "backbone", "family", "tas
 # entry keys: absent from records older than entries; readers default them (weights "random", pretraining
 # "none", entry = backbone)
 OPTIONAL_TEXT_KEYS = ("weights", "pretraining", "entry")
+# what records written before entries existed mean: an untrained architecture
+ENTRY_DEFAULTS = {"weights": "random", "pretraining": "none"}
 # keys that change where or how a run is launched but not what it computes
 _NOT_HASHED = {"data": ("num_workers",), "trainer": ("enable_progress_bar", "default_root_dir", "log_every_n_steps")}
 
 
 def config_hash(cfg: DictConfig | dict[str, Any]) -> str:
-    """Stable short hash of what a run computes: backbone, task, data, trainer and seed."""
+    """Stable short hash of what a run computes: backbone (with the content of a weights file), task, data,
+    trainer and seed."""
+    from arena.config import entry_fields  # here: reading records (leaderboards) needs neither torch nor timm
+
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     keep = {k: c.get(k) for k in ("backbone", "task", "data", "trainer", "seed")}
+    weights = entry_fields(keep["backbone"])["weights"] if isinstance(keep["backbone"], dict) else ""
+    if weights.startswith("file:"):  # the config names a file by its path; retrained weights are another run
+        keep["weights"] = weights
     for group, keys in _NOT_HASHED.items():
         if isinstance(keep.get(group), dict):
             keep[group] = {k: v for k, v in keep[group].items() if k not in keys}
@@ -87,12 +95,15 @@ def make_record(*, stage: str, status: str, cfg: DictConfig, family: str, metric
                 primary_metric: str, checkpoint: str | None = None, error: str | None = None, **extra: Any) -> dict[str, Any]:
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    from arena.config import entry_fields
+
     task = cfg.task
     return {
         "schema_version": SCHEMA_VERSION,
         "status": status,
         "stage": stage,
         "backbone": cfg.backbone.name,
+        **entry_fields(cfg.backbone),
         "family": family,
         "task": task.name,
         "mode": task.get("mode", "fine_tune"),
@@ -177,7 +188,7 @@ def read_record(path: str | Path) -> dict[str, Any]:
     problems = record_problems(rec)
     if problems:
         raise RecordError(path, "; ".join(problems))
-    return rec
+    return {**ENTRY_DEFAULTS, "entry": rec["backbone"], **rec}
 
 
 @dataclass

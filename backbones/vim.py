@@ -299,7 +299,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Vim) -> dic
 
 def _create_vim(variant: str, **kwargs: Any) -> Vim:
     model = Vim(**kwargs)
-    model.pretrained_cfg.update(url=_URLS.get(variant))
+    model.pretrained_cfg.update(url=_URLS.get(variant), tag="in1k" if variant in _URLS else None)
     return model
 
 

@@ -434,8 +434,8 @@ def _create_vit_comer(variant: str, **kwargs: Any) -> ViTCoMer:
 
 # The official ViT-CoMer checkpoints are published on Baidu Pan only; its training starts from
 # these DeiT releases, which load into the ViT part.
-_DEIT_T = dict(url="https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth")
-_DEIT_S = dict(url="https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth")
+_DEIT_T = dict(url="https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth", tag="deit_in1k")
+_DEIT_S = dict(url="https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth", tag="deit_in1k")
 _CFGS = {"vit_comer_tiny": _DEIT_T, "vit_comer_tiny_det": _DEIT_T, "vit_comer_small": _DEIT_S,
          "vit_comer_small_det": _DEIT_S, "vit_comer_test": dict(url=None)}
 # the official detection backbone (detection/mmdet_custom/models/backbones/comer_modules.py)

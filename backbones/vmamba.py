@@ -290,7 +290,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VMamba) -> 
 
 def _create_vmamba(variant: str, **kwargs: Any) -> VMamba:
     model = VMamba(**kwargs)
-    model.pretrained_cfg.update(url=_URLS.get(variant))
+    model.pretrained_cfg.update(url=_URLS.get(variant), tag="in1k" if variant in _URLS else None)
     return model
 
 
