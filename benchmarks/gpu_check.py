@@ -51,7 +51,7 @@ from typing import Callable  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 import lightning as L  # noqa: E402
 
 from arena.bench import BenchSettings, bench_backbone, time_step  # noqa: E402
@@ -76,9 +76,11 @@ COST = {"train": 8.0, "scan": 10.0, "bench": 20.0, "bench_compiled": 75.0, "ddp"
 class Row:
     part: str
     check: str
-    status: str  # "ok", "FAIL: ...", "skipped: ..."
+    status: str = "ok"  # or "FAIL: ...", "skipped: ..."
     ms: float | None = None  # the row's main time (see notes)
     peak_mib: float | None = None
+    ratio: float | None = None  # (b) speed-up of Triton over PyTorch; (c) Vim's speed over DeiT's
+    max_diff: float | None = None  # (b) largest relative difference from the PyTorch scan
     notes: str = ""
 
 
@@ -127,13 +129,14 @@ def _peak_mib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
-def run_row(rows: list[Row], budget: Budget, cost: float, part: str, check: str, fn: Callable[[], Row]) -> Row:
-    """Run one check unless its expected ``cost`` exceeds the budget left; its failure becomes its row."""
+def run_row(rows: list[Row], budget: Budget, cost: float, part: str, check: str, fn: Callable[[], dict]) -> Row:
+    """Run one check (``fn`` returns its Row fields) unless its expected ``cost`` exceeds the budget left; its
+    failure becomes its row."""
     if budget.left() < cost:
-        row = Row(part, check, f"skipped: {budget.left():.0f} s left of the budget, needs ~{cost:.0f} s")
+        row = Row(part, check, f"skipped: {max(0.0, budget.left()):.0f} s left of the budget, needs ~{cost:.0f} s")
     else:
         try:
-            row = fn()
+            row = Row(part, check, **fn())
         except Exception as e:  # one failing check must not stop the others
             traceback.print_exc(file=sys.stderr)
             row = Row(part, check, f"FAIL: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
@@ -187,7 +190,7 @@ def compose_train(overrides: list[str], run_dir: Path):
     return cfg
 
 
-def train_steps(setup: Setup, arch: str, task: str) -> Row:
+def train_steps(setup: Setup, arch: str, task: str) -> dict:
     """Two bf16-mixed training steps of ``arch``'s model on ``task``, built as ``train.py`` builds a run."""
     from arena.run import build_run
 
@@ -207,9 +210,9 @@ def train_steps(setup: Setup, arch: str, task: str) -> Row:
             torch.cuda.reset_peak_memory_stats(setup.device)
         run.trainer.fit(run.module, datamodule=run.datamodule)
     if len(clock.losses) != 2 or not all(math.isfinite(v) for v in clock.losses):
-        return Row("a", f"train {name} {task}", f"FAIL: losses {clock.losses} (two finite ones wanted)")
-    return Row("a", f"train {name} {task}", "ok", 1e3 * clock.times[-1], _peak_mib(setup.device),
-               f"2nd step, batch {bs} @{setup.train_size}; first step {1e3 * clock.times[0]:.0f} ms")
+        return {"status": f"FAIL: losses {clock.losses} (two finite ones wanted)"}
+    return dict(ms=1e3 * clock.times[-1], peak_mib=_peak_mib(setup.device),
+                notes=f"2nd step, batch {bs} @{setup.train_size}; first step {1e3 * clock.times[0]:.0f} ms")
 
 
 # ---- (b) the Triton scan against the pure-PyTorch scan -------------------------------------------------------
@@ -243,7 +246,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
-def scan_check(setup: Setup, shape: str, backward: bool) -> Row:
+def scan_check(setup: Setup, shape: str, backward: bool) -> dict:
     """Time Triton and pure-PyTorch scans side by side; the largest relative difference over output and gradients."""
     inputs = scan_inputs(setup, shape)
     kernels = {k: with_kernel(k) for k in ("triton", "torch")}
@@ -256,51 +259,51 @@ def scan_check(setup: Setup, shape: str, backward: bool) -> Row:
     (y, grads), (y_ref, grads_ref) = results["triton"], results["torch"]
     errors = {"y": _rel(y, y_ref), **{f"d{k}": _rel(grads[k], grads_ref[k]) for k in grads_ref}}
     worst = max(errors, key=errors.get)
-    label = "fwd+bwd" if backward else "fwd"
-    return Row("b", f"scan {shape} {label}", "ok", 1e3 * times["triton"], None,
-               f"torch {1e3 * times['torch']:.2f} ms, speed-up {times['torch'] / times['triton']:.2f}x, "
-               f"max rel diff {errors[worst]:.1e} ({worst})")
+    return dict(ms=1e3 * times["triton"], ratio=times["torch"] / times["triton"], max_diff=errors[worst],
+                notes=f"Triton; PyTorch {1e3 * times['torch']:.2f} ms; largest difference in {worst}")
 
 
 # ---- (c) arena bench -----------------------------------------------------------------------------------------
 
 
-def bench(setup: Setup, arch: str, size: int, compiled: bool, batch: int, results: dict) -> Row:
-    """``arena bench`` of one model in bf16: inference time and peak memory (training in the notes)."""
-    name = setup.model(arch, BENCH_GPU)
-    settings = BenchSettings(batch_size=batch, device=str(setup.device), precision="bf16",
-                             channels_last=arch in CHANNELS_LAST, compile=compiled, warmup=2, blocks=3,
-                             block_time=0.05 if setup.smoke else 0.3)
-    r = bench_backbone(name, size, settings)
-    results[(arch, size, compiled)] = r
-    how = ", ".join(k for k, on in (("compiled", compiled), ("channels_last", settings.channels_last)) if on)
-    return Row("c", f"bench {name} @{size}{f' ({how})' if how else ''}", "ok", r["infer_step_time"],
-               r["infer_peak_mem_mb"], f"batch {batch}: infer {r['infer_samples_per_sec']:.0f} img/s; train "
-               f"{r['train_step_time']:.1f} ms/step, {r['train_samples_per_sec']:.0f} img/s, "
-               f"{r['train_peak_mem_mb']:.0f} MiB")
+def bench_settings(setup: Setup, arch: str, compiled: bool, batch: int) -> BenchSettings:
+    """bf16 on the GPU (fp32 under --smoke: quicker on CPU), channels_last where it applies, short timing."""
+    return BenchSettings(batch_size=batch, device=str(setup.device), precision="fp32" if setup.smoke else "bf16",
+                         channels_last=arch in CHANNELS_LAST, compile=compiled, warmup=2, blocks=3,
+                         block_time=0.05 if setup.smoke else 0.3)
 
 
-def vim_vs_deit(setup: Setup, size: int, results: dict) -> Row:
+def bench(setup: Setup, arch: str, size: int, settings: BenchSettings, results: dict) -> dict:
+    """``arena bench`` of one model: inference time and peak memory (training in the notes)."""
+    r = bench_backbone(setup.model(arch, BENCH_GPU), size, settings)
+    results[(arch, size, settings.compile)] = r
+    return dict(ms=r["infer_step_time"], peak_mib=r["infer_peak_mem_mb"],
+                notes=f"inference, batch {settings.batch_size}: {r['infer_samples_per_sec']:.0f} img/s; training "
+                f"{r['train_step_time']:.1f} ms/step, {r['train_samples_per_sec']:.0f} img/s, "
+                f"{r['train_peak_mem_mb']:.0f} MiB")
+
+
+def vim_vs_deit(size: int, results: dict) -> Row:
     """The Vim paper's comparison from the two large-image rows: speed ratio and memory saved."""
     vim, deit = results.get(("vim", size, False)), results.get(("vit", size, False))
     if vim is None or deit is None:
         return Row("c", f"vim vs deit @{size}", "skipped: a bench row above is missing")
     speed = deit["infer_step_time"] / vim["infer_step_time"]
     saved = 100 * (1 - vim["infer_peak_mem_mb"] / deit["infer_peak_mem_mb"])
-    return Row("c", f"vim vs deit @{size}", "ok", None, None,
-               f"Vim {speed:.2f}x DeiT's inference speed, {saved:.1f}% less memory (paper at 1248: 2.8x, 86.8%)")
+    return Row("c", f"vim vs deit @{size}", ratio=speed,
+               notes=f"Vim: {speed:.2f}x DeiT's inference speed, {saved:.1f}% less memory (paper at 1248: 2.8x, 86.8%)")
 
 
 # ---- (d) DDP on all visible GPUs -------------------------------------------------------------------------------
 
 
-def ddp_step(setup: Setup, timeout: float) -> Row:
+def ddp_step(setup: Setup, timeout: float) -> dict:
     """``train.py trainer=ddp`` for two training batches and two test batches; ok when it writes its record."""
     name = setup.model("convnext")
     with tempfile.TemporaryDirectory() as run_dir:
         overrides = [f"backbone={name}", "trainer=ddp", "trainer.devices=-1", "trainer.max_epochs=1",
                      "trainer.limit_train_batches=2", "trainer.limit_val_batches=0", "trainer.limit_test_batches=2",
-                     "trainer.enable_progress_bar=false", "logger=none", "data.num_train=64", "data.num_test=64",
+                     "trainer.enable_progress_bar=false", "data.num_train=64", "data.num_test=64",
                      f"data.batch_size={setup.train_batch}", f"hydra.run.dir={run_dir}"]
         if setup.smoke:  # two CPU processes over gloo
             overrides += ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
@@ -310,22 +313,21 @@ def ddp_step(setup: Setup, timeout: float) -> Row:
                              text=True, timeout=timeout)
         wall = time.perf_counter() - t0
         record = Path(run_dir) / "metrics.json"
-        devices = 2 if setup.smoke else torch.cuda.device_count()
         if run.returncode != 0 or not record.exists():
-            tail = (run.stderr.strip().splitlines() or ["no output"])[-1][:160]
-            return Row("d", f"ddp {name} x{devices}", f"FAIL: exit {run.returncode}: {tail}", 1e3 * wall)
+            lines = run.stderr.strip().splitlines() or ["no output"]
+            tail = next((x for x in reversed(lines) if "Error" in x or "Exception" in x), lines[-1])[-160:]
+            return {"status": f"FAIL: exit {run.returncode}: {tail}", "ms": 1e3 * wall}
         metrics = json.loads(record.read_text())["metrics"]
-    return Row("d", f"ddp {name} x{devices}", "ok", 1e3 * wall, None,
-               f"whole run incl. start-up; test {', '.join(f'{k} {v:.3f}' for k, v in list(metrics.items())[:2])}")
+    return dict(ms=1e3 * wall, notes=f"whole run incl. start-up; test {', '.join(f'{k} {v:.3f}' for k, v in list(metrics.items())[:2])}")
 
 
 # ---- the table -------------------------------------------------------------------------------------------------
 
 
 def _format(row: Row) -> str:
-    ms = "" if row.ms is None else f"{row.ms:.2f}"
-    peak = "" if row.peak_mib is None else f"{row.peak_mib:.0f}"
-    return f"| {row.part} | {row.check} | {row.status} | {ms} | {peak} | {row.notes} |"
+    cells = [f"{v:{spec}}" if v is not None else "" for v, spec in
+             ((row.ms, ".2f"), (row.peak_mib, ".0f"), (row.ratio, ".2f"), (row.max_diff, ".1e"))]
+    return f"| {row.part} | {row.check} | {row.status} | {' | '.join(cells)} | {row.notes} |"
 
 
 def device_name(setup: Setup) -> str:
@@ -341,31 +343,37 @@ def check(setup: Setup, parts: str, archs: list[str], budget: Budget) -> list[Ro
     if "b" in parts:
         for shape in ("Vim-Ti", "VMamba-T"):
             for backward in (False, True):
-                run_row(rows, budget, COST["scan"], "b", f"scan {shape}",
+                run_row(rows, budget, COST["scan"], "b", f"scan {shape} {'fwd+bwd' if backward else 'fwd'}",
                         lambda: scan_check(setup, shape, backward))
     if "a" in parts:
         for arch in archs:
             for task in TASKS:
                 run_row(rows, budget, COST["train"], "a", f"train {setup.model(arch)} {task}",
                         lambda: train_steps(setup, arch, task))
+
+    def bench_row(arch: str, size: int, compiled: bool, batch: int) -> None:
+        settings = bench_settings(setup, arch, compiled, batch)
+        how = ", ".join(k for k, on in (("compiled", compiled), ("channels_last", settings.channels_last)) if on)
+        name = f"bench {setup.model(arch, BENCH_GPU)} @{size}{f' ({how})' if how else ''}"
+        if compiled and setup.smoke:
+            rows.append(Row("c", name, "skipped: torch.compile is checked on the GPU only"))
+            return
+        run_row(rows, budget, COST["bench_compiled" if compiled else "bench"], "c", name,
+                lambda: bench(setup, arch, size, settings, results))
+
     if "c" in parts:
         for arch in BENCH:
-            run_row(rows, budget, COST["bench"], "c", f"bench {arch} @{setup.bench_size}",
-                    lambda: bench(setup, arch, setup.bench_size, False, setup.bench_batch, results))
+            bench_row(arch, setup.bench_size, False, setup.bench_batch)
         for arch in ("vim", "vit"):
-            run_row(rows, budget, COST["bench"], "c", f"bench {arch} @{setup.bench_large}",
-                    lambda: bench(setup, arch, setup.bench_large, False, setup.large_batch, results))
-        rows.append(vim_vs_deit(setup, setup.bench_large, results))
+            bench_row(arch, setup.bench_large, False, setup.large_batch)
+        rows.append(vim_vs_deit(setup.bench_large, results))
     if "d" in parts:
-        run_row(rows, budget, COST["ddp"], "d", "ddp", lambda: ddp_step(setup, max(1.0, budget.left())))
+        devices = 2 if setup.smoke else torch.cuda.device_count()
+        run_row(rows, budget, COST["ddp"], "d", f"ddp {setup.model('convnext')} x{devices}",
+                lambda: ddp_step(setup, max(1.0, budget.left())))
     if "c" in parts:
         for arch in BENCH:
-            if setup.smoke:
-                rows.append(Row("c", f"bench {setup.model(arch)} @{setup.bench_size} (compiled)",
-                                "skipped: torch.compile is checked on the GPU only"))
-                continue
-            run_row(rows, budget, COST["bench_compiled"], "c", f"bench {arch} @{setup.bench_size} compiled",
-                    lambda: bench(setup, arch, setup.bench_size, True, setup.bench_batch, results))
+            bench_row(arch, setup.bench_size, True, setup.bench_batch)
     return rows
 
 
@@ -386,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = check(setup, args.parts, args.archs.split(","), budget)
     print(f"GPU check on {device_name(setup)}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; "
           f"{time.monotonic() - budget.start:.0f} s of a {args.budget:.0f} s budget\n")
-    print("| part | check | status | ms | peak MiB | notes |\n|---|---|---|---|---|---|")
+    print("| part | check | status | ms | peak MiB | ratio | max rel diff | notes |\n|---|---|---|---|---|---|---|---|")
     print("\n".join(_format(r) for r in rows))
     failed = sum(r.status.startswith("FAIL") for r in rows)
     skipped = sum(r.status.startswith("skipped") for r in rows)
