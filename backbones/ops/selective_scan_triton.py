@@ -51,8 +51,11 @@ def _softplus(x):
 @triton.jit
 def _program(A_ptr, D_ptr, bias_ptr, dim_group, d_state, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's block (channel block, group, sample), its channels and states with their masks, A, bias and D."""
-    pid_d, grp, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """This program's block (channel block, group, sample), its channels and states with their masks, A, bias and D.
+
+    Sample and group come back as int64, so every offset derived from them is too (tensors past 2**31 elements).
+    """
+    pid_d, grp, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     local = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     ch = grp * dim_group + local  # global channel index
     ch_ok = local < dim_group
