@@ -318,7 +318,8 @@ def ddp_step(setup: Setup, timeout: float) -> dict:
             tail = next((x for x in reversed(lines) if "Error" in x or "Exception" in x), lines[-1])[-160:]
             return {"status": f"FAIL: exit {run.returncode}: {tail}", "ms": 1e3 * wall}
         metrics = json.loads(record.read_text())["metrics"]
-    return dict(ms=1e3 * wall, notes=f"whole run incl. start-up; test {', '.join(f'{k} {v:.3f}' for k, v in list(metrics.items())[:2])}")
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in list(metrics.items())[:2] if isinstance(v, (int, float)))
+    return dict(ms=1e3 * wall, notes=f"whole run incl. start-up; test {shown}")
 
 
 # ---- the table -------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ interpreter runs the same kernels on CPU tensors: that is how the tests check th
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -116,7 +117,8 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
                      sC_b, sC_g, sC_n, sC_l, sg_b, sg_d, sg_l, batch, length, dim_group, d_state, n_chunks,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr):
-    """All gradients: du, ddelta, dz [b, d, l]; partial sums dB, dC [channel blocks, b, g, n, l], dA [b, d, n], dD, dbias [b, d].
+    """All gradients: du, ddelta, dz [b, d, l]; partial sums dB, dC [channel blocks, b, g, n, l], dA [b, d, n],
+    dD, dbias [b, d].
 
     ``work`` holds one chunk's states per program, [programs, T, BLOCK_D, BLOCK_N], written
     forward from the chunk's saved entering state and read back last token first.
@@ -197,8 +199,13 @@ def check_device(u: Tensor) -> None:
 
 
 def _grouped(t: Tensor) -> Tensor:
-    """B or C as [b, g, n, l] (a view: a single group gets a stride-0 axis)."""
+    """B or C as [b, g, n, l] (a view: without groups, one group of size 1)."""
     return t[:, None] if t.ndim == 3 else t
+
+
+def _on_device(u: Tensor) -> contextlib.AbstractContextManager:
+    """Launch on ``u``'s GPU: Triton launches on the current CUDA device, which may be another one."""
+    return torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext()
 
 
 def _launch(u: Tensor, A: Tensor, B: Tensor) -> tuple[dict, tuple[int, int, int]]:
@@ -237,8 +244,9 @@ def _run_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
     b, d, _ = u.shape
     out = torch.empty(b, d, chunks, n, device=u.device) if states else torch.empty(b, d, l, device=u.device,
                                                                                    dtype=u.dtype)
-    _scan_fwd_kernel[grid](*pointers, out, out, *strides, l, dg, n, chunks, **_flags(D, z, delta_bias, delta_softplus),
-                           STORE_Y=not states, **meta)
+    with _on_device(u):
+        _scan_fwd_kernel[grid](*pointers, out, out, *strides, l, dg, n, chunks,
+                               **_flags(D, z, delta_bias, delta_softplus), STORE_Y=not states, **meta)
     return out
 
 
@@ -251,19 +259,22 @@ def scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | 
 def scan_backward(grad: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                   z: Tensor | None = None, delta_bias: Tensor | None = None,
                   delta_softplus: bool = False) -> list[Tensor | None]:
-    """Gradients of ``scan`` given the output's ``grad``: one per input (u, delta, A, B, C, D, z, delta_bias), in its dtype, None for an absent one."""
+    """Gradients of ``scan`` given the output's ``grad``: one per input (u, delta, A, B, C, D, z, delta_bias), in
+    its dtype, None for an absent one."""
     states = _run_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, states=True)
     pointers, strides, (l, dg, n, chunks) = _common(u, delta, A, B, C, D, z, delta_bias)
     meta, grid = _launch(u, A, B)
     b, d, _ = u.shape
     g = d // dg
     new = dict(device=u.device, dtype=torch.float32)
-    du, ddelta, dz = (torch.empty(b, d, l, **new) for _ in range(3))
+    du, ddelta = torch.empty(b, d, l, **new), torch.empty(b, d, l, **new)
+    dz = torch.empty(b, d, l, **new) if z is not None else du  # written only with a gate
     dB, dC = (torch.empty(grid[0], b, g, n, l, **new) for _ in range(2))
     dA, dD, dbias = torch.empty(b, d, n, **new), torch.empty(b, d, **new), torch.empty(b, d, **new)
     work = torch.empty(math.prod(grid), CHUNK, meta["BLOCK_D"], meta["BLOCK_N"], **new)
-    _scan_bwd_kernel[grid](*pointers, grad, states, work, du, ddelta, dz, dB, dC, dA, dD, dbias, *strides, *grad.stride(),
-                           b, l, dg, n, chunks, **_flags(D, z, delta_bias, delta_softplus), **meta)
+    with _on_device(u):
+        _scan_bwd_kernel[grid](*pointers, grad, states, work, du, ddelta, dz, dB, dC, dA, dD, dbias, *strides,
+                               *grad.stride(), b, l, dg, n, chunks, **_flags(D, z, delta_bias, delta_softplus), **meta)
     grads = {"u": du, "delta": ddelta, "A": dA.sum(0), "B": dB.sum(0).view(B.shape), "C": dC.sum(0).view(C.shape),
              "D": dD.sum(0), "z": dz, "delta_bias": dbias.sum(0)}
     inputs = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
