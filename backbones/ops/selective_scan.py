@@ -12,8 +12,10 @@ delta_bias: [d]``.
 
 ``selective_scan`` needs no CUDA build and runs wherever PyTorch does. On a CPU, forward and
 backward are the fused C kernels of ``scan_cpu`` when they build (``ARENA_SCAN_KERNEL=torch``
-turns them off; d_state above ``scan_cpu.MAX_STATE`` does not fit them); elsewhere it is the
-blocked scan below. The sequence is cut into
+turns them off; d_state above ``scan_cpu.MAX_STATE`` does not fit them); on CUDA tensors they
+are the Triton kernels of ``selective_scan_triton`` when triton imports (``torch`` turns them
+off, ``triton`` asks for them on any device Triton runs on); elsewhere it is the blocked scan
+below. The sequence is cut into
 blocks of ``SCAN_BLOCK`` tokens carried one after the other (memory stays bounded at any
 resolution); inside a block, tensors are time-major and cut into chunks of ``SCAN_CHUNK`` tokens
 that are all advanced together, one step at a time, while the state entering each chunk comes
