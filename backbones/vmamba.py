@@ -52,18 +52,45 @@ class Linear2d(nn.Linear):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def _copy_routes(grid: torch.Tensor, seq: torch.Tensor, *, to_seq: bool) -> None:
+    """Copy each route between slice k of ``grid`` [B, H, W, 4, C] and slice k of ``seq`` [B, H*W, 4, C]
+    (route order), in the direction ``to_seq`` says: one strided copy per route, reversed routes flipped."""
+    b, h, w, _, c = grid.shape
+    for k in range(ROUTES):
+        g = grid[:, :, :, k] if k % 2 == 0 else grid[:, :, :, k].transpose(1, 2)  # row- or column-major
+        s = seq[:, :, k].view(g.shape)
+        dst, src = (s, g) if to_seq else (g, s)
+        dst.copy_(src.flip(1, 2) if k >= 2 else src)
+
+
+class _CrossScan(torch.autograd.Function):
+    """``cross_scan``'s copies; the gradient goes back through the same copies the other way."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        b, h, w, routes, c = x.shape
+        seq = x.new_empty(b, h * w, routes, c)
+        _copy_routes(x, seq, to_seq=True)
+        return seq
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.grid = inputs[0].shape[1:3]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        b, _, routes, c = grad.shape
+        out = grad.new_empty(b, *ctx.grid, routes, c)
+        _copy_routes(out, grad, to_seq=False)
+        return out
+
+
 def cross_scan(x: torch.Tensor) -> torch.Tensor:
     """[B, H, W, 4, C] -> [B, H*W, 4, C] (time-major): route k's tokens in its order: row-major,
     column-major, and both reversed. Route k reads channel slice k, so one call orders a per-route
     projection; a map shared by the routes comes as an expanded view ``x[:, :, :, None].expand(...)``.
-    Each route is copied once into its slice of the result (no stacked intermediates)."""
-    b, h, w, _, c = x.shape
-    out = x.new_empty(b, h * w, ROUTES, c)
-    out[:, :, 0].view(b, h, w, c).copy_(x[:, :, :, 0])
-    out[:, :, 1].view(b, w, h, c).copy_(x[:, :, :, 1].transpose(1, 2))
-    out[:, :, 2].copy_(x[:, :, :, 2].reshape(b, h * w, c).flip(1))
-    out[:, :, 3].view(b, w, h, c).copy_(x[:, :, :, 3].transpose(1, 2).flip(1, 2))
-    return out
+    Each route is copied once into its slice of the result, and its gradient once back."""
+    return _CrossScan.apply(x)
 
 
 def cross_merge(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
