@@ -15,7 +15,8 @@ with ``as_pyramid``); ``embed(x)`` is the class token after the final norm, as i
 Inference on CPU (eval mode under ``torch.inference_mode``, the fused CPU scan available; FLOP
 counting under ``no_grad`` sees the plain path) streams each block over the tokens, ``STREAM_BLOCK`` (512) at a time, and adds its result to the residual stream in place: a
 forward pass keeps only the forward direction's scan output, a backward pass recomputes the
-block's input projection (not the last block's, kept whole) and finishes it, and every scan carries its state from block to block.
+block's input projection (not the last block's, kept whole) and finishes it, and every scan
+carries its state from block to block.
 A layer then holds the residual stream and that scan output (3 + 6 MB at 1024 x 1024 for Vim-Ti)
 instead of every projection of every token, and the same numbers come out
 (``tests/test_state_space.py``).

@@ -261,7 +261,8 @@ def official_ss2d(op: vmamba.SS2D, x: torch.Tensor) -> torch.Tensor:
     dt = torch.einsum("bkrl,kdr->bkdl", dt, op.dt_projs_weight)
     ys = selective_scan_ref(xs.flatten(1, 2), dt.flatten(1, 2), -torch.exp(op.A_logs), B, C, op.Ds,
                             delta_bias=op.dt_projs_bias.flatten(), delta_softplus=True).view(b, 4, d, h * w)
-    y = (ys[:, 0] + ys[:, 2].flip(-1)).view(b, d, h, w) + (ys[:, 1] + ys[:, 3].flip(-1)).view(b, d, w, h).transpose(2, 3)
+    rows, cols = ys[:, 0] + ys[:, 2].flip(-1), ys[:, 1] + ys[:, 3].flip(-1)
+    y = rows.view(b, d, h, w) + cols.view(b, d, w, h).transpose(2, 3)
     y = torch.nn.functional.layer_norm(y.permute(0, 2, 3, 1), (d,), op.out_norm.weight, op.out_norm.bias)
     return torch.einsum("bhwd,cd->bchw", y, op.out_proj.weight)
 
