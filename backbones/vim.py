@@ -15,7 +15,8 @@ with ``as_pyramid``); ``embed(x)`` is the class token after the final norm, as i
 Inference on CPU (eval mode under ``torch.inference_mode``, the fused CPU scan available; FLOP
 counting under ``no_grad`` sees the plain path) streams each block over the tokens, ``STREAM_BLOCK`` (512) at a time, and adds its result to the residual stream in place: a
 forward pass keeps only the forward direction's scan output, a backward pass recomputes the
-block's input projection and finishes it, and every scan carries its state from block to block.
+block's input projection (not the last block's, kept whole) and finishes it, and every scan
+carries its state from block to block.
 A layer then holds the residual stream and that scan output (3 + 6 MB at 1024 x 1024 for Vim-Ti)
 instead of every projection of every token, and the same numbers come out
 (``tests/test_state_space.py``).
@@ -127,7 +128,8 @@ class BiMamba(nn.Module):
 
         The forward direction runs first over the blocks and keeps its (gate-free) scan output;
         the backward direction then runs from the last block to the first, recomputing each
-        block's input projection, and adds the block's result to the residual stream in place.
+        block's input projection (but the last one's, which the forward direction keeps whole),
+        and adds the block's result to the residual stream in place.
         The raw residual of the d_conv - 1 tokens after a block (its backward conv context) is
         kept aside before those tokens are updated.
         """
@@ -139,14 +141,17 @@ class BiMamba(nn.Module):
         blocks = [(t0, min(t0 + STREAM_BLOCK, L)) for t0 in range(0, L, STREAM_BLOCK)]
         for t0, t1 in blocks:  # forward direction, first block first
             lo = max(t0 - ctx, 0)
-            xp = F.pad(F.linear(norm(residual[:, lo:t1]), w_x), (0, 0, ctx - (t0 - lo), 0))
+            # the last block's whole projection is kept: the backward direction starts there
+            proj = F.linear(norm(residual[:, lo:t1]), self.in_proj.weight if t1 == L else w_x)
+            xp = F.pad(proj[..., :self.d_inner], (0, 0, ctx - (t0 - lo), 0))
             self._scan_tokens(lib, xp, "", h, out=forward[:, t0:t1])
+        last_xz = proj[:, t0 - lo:]
         h.zero_()
         after = residual[:, L:]  # raw residual of the (up to ctx) tokens after the block
         for t0, t1 in reversed(blocks):  # backward direction, last block first, then both directions together
             rows = torch.cat([residual[:, t0:t1], after], dim=1)
             after = rows[:, :ctx].clone()
-            xz = F.linear(norm(rows), self.in_proj.weight)
+            xz = last_xz if t1 == L else F.linear(norm(rows), self.in_proj.weight)
             xp = F.pad(xz[..., :self.d_inner], (0, 0, 0, ctx - (rows.shape[1] - (t1 - t0))))
             y = self._scan_tokens(lib, xp, "_b", h).add_(forward[:, t0:t1]).mul_(F.silu(xz[:, :t1 - t0, self.d_inner:]))
             residual[:, t0:t1] += F.linear(y.mul_(0.5), self.out_proj.weight)

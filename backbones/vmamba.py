@@ -45,29 +45,66 @@ from .ops.selective_scan import init_a_log, init_dt_bias, selective_scan
 ROUTES = 4  # row-major, column-major, and both reversed
 
 
-# the official ``ln2d``: a channels-first LayerNorm with nn.LayerNorm's eps
+# the official ``ln2d``: a channels-first LayerNorm with nn.LayerNorm's eps (timm's permutes, so a
+# channels-last map is normalized without a copy)
 LayerNorm2d = partial(timm.layers.LayerNorm2d, eps=1e-5)
 
 
 class Linear2d(nn.Linear):
-    """A linear layer on the channels of an NCHW map (a 1x1 conv keeping ``nn.Linear``'s weight shape)."""
+    """A linear layer on the channels of an NCHW map (``nn.Linear``'s weight shape): one GEMM on a
+    channels-last map, which it returns channels-last."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _copy_routes(grid: torch.Tensor, seq: torch.Tensor, *, to_seq: bool) -> None:
+    """Copy each route between slice k of ``grid`` [B, H, W, 4, C] and slice k of ``seq`` [B, H*W, 4, C]
+    (route order), in the direction ``to_seq`` says: one strided copy per route, reversed routes flipped."""
+    b, h, w, _, c = grid.shape
+    for k in range(ROUTES):
+        g = grid[:, :, :, k] if k % 2 == 0 else grid[:, :, :, k].transpose(1, 2)  # row- or column-major
+        s = seq[:, :, k].view(g.shape)
+        dst, src = (s, g) if to_seq else (g, s)
+        dst.copy_(src.flip(1, 2) if k >= 2 else src)
+
+
+class _CrossScan(torch.autograd.Function):
+    """``cross_scan``'s copies; the gradient goes back through the same copies the other way."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        b, h, w, routes, c = x.shape
+        seq = x.new_empty(b, h * w, routes, c)
+        _copy_routes(x, seq, to_seq=True)
+        return seq
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.grid = inputs[0].shape[1:3]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        b, _, routes, c = grad.shape
+        out = grad.new_empty(b, *ctx.grid, routes, c)
+        _copy_routes(out, grad, to_seq=False)
+        return out
 
 
 def cross_scan(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, 4, C, H*W]: row-major, column-major, and both reversed."""
-    rows, cols = x.flatten(2), x.transpose(2, 3).flatten(2)
-    return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
+    """[B, H, W, 4, C] -> [B, H*W, 4, C] (time-major): route k's tokens in its order: row-major,
+    column-major, and both reversed. Route k reads channel slice k, so one call orders a per-route
+    projection; a map shared by the routes comes as an expanded view ``x[:, :, :, None].expand(...)``.
+    Each route is copied once into its slice of the result, and its gradient once back."""
+    return _CrossScan.apply(x)
 
 
 def cross_merge(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """[B, 4, C, H*W] -> [B, C, H, W]: the four routes put back on the grid and summed."""
-    b, _, c, _ = ys.shape
-    rows = ys[:, 0] + ys[:, 2].flip(-1)
-    cols = ys[:, 1] + ys[:, 3].flip(-1)
-    return rows.view(b, c, h, w) + cols.view(b, c, w, h).transpose(2, 3)
+    """[B, H*W, 4, C] -> [B, H, W, C]: the four routes put back on the grid and summed."""
+    b, _, _, c = ys.shape
+    rows = ys[:, :, 0] + ys[:, :, 2].flip(1)
+    cols = ys[:, :, 1] + ys[:, :, 3].flip(1)
+    return rows.view(b, h, w, c) + cols.view(b, w, h, c).transpose(1, 2)
 
 
 class SS2D(nn.Module):
@@ -75,6 +112,10 @@ class SS2D(nn.Module):
 
     Parameter names and shapes are the official ones: ``x_proj_weight`` [4, R + 2N, D],
     ``dt_projs_weight`` [4, D, R], ``dt_projs_bias`` [4, D], ``A_logs`` [4D, N], ``Ds`` [4D].
+    It works on channels-last maps: the projections are GEMMs on the tokens, and the four routes
+    are laid out time-major [B, L, 4, D], the scan kernel's layout. A token's x projection does not
+    depend on the route, so all four are one GEMM over the tokens in row-major order, and only
+    their few output channels are reordered per route.
     """
 
     def __init__(self, dim: int, *, d_state: int = 1, ssm_ratio: float = 2.0, d_conv: int = 3) -> None:
@@ -96,16 +137,17 @@ class SS2D(nn.Module):
         nn.init.uniform_(self.dt_projs_weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.silu(self.conv2d(self.in_proj(x)))
-        b, d, h, w = x.shape
-        xs = cross_scan(x)  # [B, 4, D, L]
-        dt, B, C = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight).split(
-            [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dt = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_projs_weight)
-        ys = selective_scan(xs.flatten(1, 2), dt.flatten(1, 2), -torch.exp(self.A_logs.float()), B, C,
+        x = F.silu(self.conv2d(self.in_proj(x))).permute(0, 2, 3, 1)  # [B, H, W, D]
+        b, h, w, d = x.shape
+        proj = F.linear(x, self.x_proj_weight.flatten(0, 1)).unflatten(-1, (ROUTES, -1))  # [B, H, W, 4, R + 2N]
+        dt, B, C = cross_scan(proj).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # [B, L, 4, *]
+        dt = torch.einsum("blkr,kdr->blkd", dt, self.dt_projs_weight)
+        xs = cross_scan(x[:, :, :, None].expand(b, h, w, ROUTES, d))  # [B, L, 4, D]
+        ys = selective_scan(xs.flatten(2).transpose(1, 2), dt.flatten(2).transpose(1, 2),
+                            -torch.exp(self.A_logs.float()), B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1),
                             self.Ds.float(), delta_bias=self.dt_projs_bias.flatten().float(), delta_softplus=True)
-        y = cross_merge(ys.view(b, ROUTES, d, h * w), h, w)
-        return self.out_proj(self.out_norm(y))
+        y = cross_merge(ys.transpose(1, 2).view(b, h * w, ROUTES, d), h, w)
+        return self.out_proj(self.out_norm(y.permute(0, 3, 1, 2)))
 
 
 class Mlp(nn.Module):
@@ -224,7 +266,7 @@ class VMamba(Backbone):
 
     def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every stage's output before its downsampling (no ``outnorm``)."""
-        x = self.patch_embed(x)
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))  # channels-last throughout
         levels = []
         for stage in self.layers:
             x = stage.blocks(x)

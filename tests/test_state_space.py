@@ -9,6 +9,7 @@ import torch
 from arena.bench import count_flops, count_params
 from backbones import create_backbone, vim, vmamba
 from backbones.ops import scan_cpu
+from backbones.ops.selective_scan import selective_scan_ref
 from backbones.vim import resize_mid_cls_pos_embed
 
 
@@ -300,10 +301,46 @@ def test_depthwise_conv_tokens_matches_conv1d_and_counts_its_flops():
 
 
 def test_vmamba_cross_scan_routes():
-    x = torch.arange(6.0).view(1, 1, 2, 3)
-    routes = vmamba.cross_scan(x)[0, :, 0]
+    x = torch.arange(6.0).view(1, 2, 3, 1, 1).expand(1, 2, 3, 4, 1)  # a 2 x 3 map shared by the four routes
+    routes = vmamba.cross_scan(x)[0, :, :, 0].t()
     assert routes.tolist() == [[0, 1, 2, 3, 4, 5], [0, 3, 1, 4, 2, 5], [5, 4, 3, 2, 1, 0], [5, 2, 4, 1, 3, 0]]
-    assert torch.equal(vmamba.cross_merge(vmamba.cross_scan(x), 2, 3), 4 * x)
+    assert torch.equal(vmamba.cross_merge(vmamba.cross_scan(x), 2, 3), 4 * x[:, :, :, 0])
+    per_route = torch.arange(24.0).view(1, 2, 3, 4, 1)  # route k reads its own channel slice
+    assert vmamba.cross_scan(per_route)[0, :, 1, 0].tolist() == [1, 13, 5, 17, 9, 21]
+
+
+def official_ss2d(op: vmamba.SS2D, x: torch.Tensor) -> torch.Tensor:
+    """SS2D as the official ``v05_noz`` forward computes it, channels-first: the four routes stacked as
+    [B, 4, D, L], per-route x / dt projections by einsum, the sequential reference scan, routes summed."""
+    x = torch.nn.functional.silu(op.conv2d(torch.einsum("bchw,dc->bdhw", x, op.in_proj.weight)))
+    b, d, h, w = x.shape
+    rows, cols = x.flatten(2), x.transpose(2, 3).flatten(2)
+    xs = torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
+    dt, B, C = torch.einsum("bkdl,kcd->bkcl", xs, op.x_proj_weight).split([op.dt_rank, op.d_state, op.d_state], 2)
+    dt = torch.einsum("bkrl,kdr->bkdl", dt, op.dt_projs_weight)
+    ys = selective_scan_ref(xs.flatten(1, 2), dt.flatten(1, 2), -torch.exp(op.A_logs), B, C, op.Ds,
+                            delta_bias=op.dt_projs_bias.flatten(), delta_softplus=True).view(b, 4, d, h * w)
+    rows, cols = ys[:, 0] + ys[:, 2].flip(-1), ys[:, 1] + ys[:, 3].flip(-1)
+    y = rows.view(b, d, h, w) + cols.view(b, d, w, h).transpose(2, 3)
+    y = torch.nn.functional.layer_norm(y.permute(0, 2, 3, 1), (d,), op.out_norm.weight, op.out_norm.bias)
+    return torch.einsum("bhwd,cd->bchw", y, op.out_proj.weight)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_vmamba_ss2d_matches_the_official_formulation(channels_last):
+    torch.manual_seed(0)
+    op = vmamba.SS2D(16, d_state=2)
+    x = torch.randn(2, 16, 5, 7)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    xr = x.detach().clone().requires_grad_(True)
+    x.requires_grad_(True)
+    y, y_ref = op(x), official_ss2d(op, xr)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *op.parameters()], g)
+    grads_ref = torch.autograd.grad(y_ref, [xr, *op.parameters()], g)
+    for a, r in zip(grads, grads_ref):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,params_m,tolerance", [
