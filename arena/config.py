@@ -24,7 +24,7 @@ def backbone_node(name: str) -> dict[str, Any]:
 
 
 def register_configs() -> None:
-    """Register backbone options and the ``slug`` resolver (idempotent)."""
+    """Register backbone options and the ``slug`` and ``dataset_name`` resolvers (idempotent)."""
     global _registered
     if _registered:
         return
@@ -37,6 +37,10 @@ def register_configs() -> None:
         cs.store(group="backbone/timm", name=name, node=backbone_node(TIMM_PREFIX + name), package="backbone")
     if not OmegaConf.has_resolver("slug"):
         OmegaConf.register_new_resolver("slug", lambda s: re.sub(r"[^A-Za-z0-9_.-]+", "-", str(s)))
+    if not OmegaConf.has_resolver("dataset_name"):
+        from arena.data.base import dataset_name
+
+        OmegaConf.register_new_resolver("dataset_name", dataset_name)
     _registered = True
 
 
