@@ -217,7 +217,7 @@ def test_mask_rcnn_on_data_without_masks_is_a_clear_error(make_cfg, tmp_path: Pa
                    "data.image_size=64", "data.num_workers=0", "trainer.fast_dev_run=true")
     run = build_run(cfg, tmp_path)
     assert not run.datamodule.has_masks
-    with pytest.raises(ValueError, match="mask_rcnn needs instance masks, but coco has none"):
+    with pytest.raises(ValueError, match="mask_rcnn needs instance masks, but data has none"):
         run.trainer.fit(run.module, datamodule=run.datamodule)
 
 

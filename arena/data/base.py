@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from backbones._features import IMAGENET_MEAN, IMAGENET_STD
@@ -77,6 +78,8 @@ class ArenaDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.task = task
         self.batch_size, self.num_workers = batch_size, num_workers
+        if isinstance(data_config, DictConfig):  # instantiate() hands keyword arguments over as config nodes
+            data_config = OmegaConf.to_container(data_config, resolve=True)
         self.data_config = dict(data_config or {})
         self.mean = tuple(self.data_config.get("mean", IMAGENET_MEAN))
         self.std = tuple(self.data_config.get("std", IMAGENET_STD))

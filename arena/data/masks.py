@@ -15,8 +15,8 @@ pixel values are class indices ``0..K-1`` and ``ignore_index`` marks void pixels
 
 Bad data fails with the file named: an image without a mask (when the split is listed); and, at
 setup, before any step, together: an unreadable image or mask, a mask whose size differs from its
-image, a mask value that is neither a class nor the ignore index, and masks that hold only 0 and
-the ignore index (0/255 masks read as "all foreground is void").
+image, a mask value that is neither a class nor the ignore index, and two-class masks that hold
+only 0 and the ignore index (0/255 masks read as "all foreground is void").
 """
 from __future__ import annotations
 
@@ -210,7 +210,7 @@ class MaskFolderDataModule(ArenaDataModule):
                                  transforms=transforms, mask_values=self.mask_values)
 
     def check_data(self, check: DataCheck) -> None:
-        """Every image and mask of every split; masks holding only 0 and the ignore index are an error."""
+        """Every image and mask of every split; two-class masks holding only 0 and the ignore index are an error."""
         for split in SPLITS:
             ds: SegmentationFiles = self.datasets[split]
             sizes = check.images(image for image, _ in ds.pairs)
@@ -224,7 +224,7 @@ class MaskFolderDataModule(ArenaDataModule):
                 held.update(values.tolist())
                 if problem is not None:
                     check.add(mask, problem, MASK_FIX)
-            if not self.mask_values and self.ignore_index in held and held <= {0, self.ignore_index}:
+            if self.num_classes == 2 and not self.mask_values and held == {0, self.ignore_index}:
                 check.add(pairs[0][1].parent, f"every mask holds only the values 0 and {self.ignore_index}, which is "
                           f"data.ignore_index, so all non-zero pixels would be left out of loss and metrics",
                           f"for masks that store class 1 as {self.ignore_index} set "
