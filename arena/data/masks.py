@@ -72,6 +72,8 @@ class SegmentationFiles(Dataset):
     def mask(self, path: Path) -> np.ndarray:
         """The mask at ``path`` with ``mask_values`` applied."""
         stored = load_mask(path)
+        if not self.mask_values:
+            return stored
         mask = stored.copy()
         for value, index in self.mask_values.items():
             mask[stored == value] = index
@@ -79,7 +81,7 @@ class SegmentationFiles(Dataset):
 
     def value_problem(self, values: np.ndarray) -> str | None:
         """What is wrong with a mask holding ``values``, if anything."""
-        bad = values[(values >= self.num_classes) & (values != self.ignore_index)]
+        bad = values[(values < 0) | ((values >= self.num_classes) & (values != self.ignore_index))]
         if not bad.size:
             return None
         return (f"holds values {bad[:10].tolist()} outside the classes 0..{self.num_classes - 1}; the only other "
@@ -95,7 +97,7 @@ class SegmentationFiles(Dataset):
         if image_size is not None and mask.shape != image_size[::-1]:
             return np.zeros(0, np.int64), (f"is {mask.shape[1]}x{mask.shape[0]} but its image {pair[0].name} is "
                                            f"{image_size[0]}x{image_size[1]} (WxH); masks must have their image's size")
-        values = np.unique(mask)
+        values = np.flatnonzero(np.bincount(mask.ravel())) if mask.min(initial=0) >= 0 else np.unique(mask)
         return values, self.value_problem(values)
 
     def __len__(self) -> int:
