@@ -1,6 +1,6 @@
 """Cost of the up-front data checks next to one epoch of data loading, on the shared real datasets.
 
-    python benchmarks/data_checks.py [--datasets ../shared/datasets] [--workers 0] [--backbone fastvit_t8]
+    python benchmarks/data_checks.py [--datasets ../shared/datasets] [--workers 0] [--backbone convnext_test] [--steps 3]
 
 For each data config (cifar10_small, bccd_voc, facemask_coco, camvid) the run is built as
 ``train.py task=<its task> data=<it> backbone=<backbone>`` builds it, then, side by side in one
@@ -48,7 +48,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default=str(ROOT.parent / "shared" / "datasets"))
     parser.add_argument("--workers", type=int, default=0, help="loader workers and check threads (0: one thread)")
-    parser.add_argument("--backbone", default="fastvit_t8", help="the model of the training steps (train.py's default)")
+    parser.add_argument("--backbone", default="convnext_test",
+                        help="the model of the training steps; the default, the smallest, gives the shortest epoch")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per dataset, after one warm-up")
     args = parser.parse_args()
     if not Path(args.datasets).is_dir():

@@ -21,8 +21,6 @@ from backbones._features import IMAGENET_MEAN, IMAGENET_STD
 from .checks import DataCheck
 
 SPLITS = ("train", "val", "test")
-
-
 NAME_RULE = "letters, digits and _ . + -, starting with a letter or digit"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
 
