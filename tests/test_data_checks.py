@@ -12,13 +12,14 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from arena.config import resolve_data_config
+from arena.data import VOCDetectionDataModule
 from arena.data.base import check_name, dataset_name
 from arena.data.det_transforms import read_image
 from arena.data.imagefolder import load_rgb
 from arena.records import RECORD_NAME
 from arena.run import build_run
 from backbones import create_backbone
-from test_detection import _coco, _write_coco
+from test_detection import _coco, _voc_xml, _write_coco, _write_voc
 from test_segmentation import _write_pair
 from test_train import _write_imagefolder
 
@@ -216,3 +217,12 @@ def test_boxes_outside_the_image_are_clipped_or_dropped_and_counted(tmp_path: Pa
     assert any("dropped the boxes that lie wholly outside their image, in 12.png (1)" in m for m in messages)
     _, target = dm.datasets["val"][2]  # image 12
     assert target["boxes"].tolist() == [[50.0, 30.0, 60.0, 40.0]] and target["labels"].tolist() == [1]
+
+
+def test_voc_boxes_are_measured_against_the_image_read_at_setup(tmp_path: Path) -> None:
+    root = _write_voc(tmp_path)  # 64x48 images; VOC corners are 1-based
+    (root / "Annotations" / "c.xml").write_text(_voc_xml("c.jpg", [("WBC", (41, 31, 80, 60), 0)]))
+    dm = VOCDetectionDataModule(task="detection", root=str(root), image_size=64, hflip=False, scales=[1.0])
+    with pytest.warns(UserWarning, match=r"clipped 1 of 3 boxes that reach outside their image .*\(in c\.jpg\)"):
+        dm.setup("fit")
+    assert dm.datasets["test"][1][1]["boxes"].tolist() == [[40.0, 30.0, 64.0, 48.0]]
