@@ -134,9 +134,13 @@ class Backbone(nn.Module):
         return self.get_classifier()(self.embed(x))
 
 
-def pretrained_cfg_for(input_size: int = 224, **kw: Any) -> dict[str, Any]:
-    """A timm-style ``pretrained_cfg`` so ``timm.data.resolve_data_config`` works on any backbone."""
-    cfg = dict(input_size=(3, input_size, input_size), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+def pretrained_cfg_for(input_size: int | Sequence[int] = 224, **kw: Any) -> dict[str, Any]:
+    """A timm-style ``pretrained_cfg`` so ``timm.data.resolve_data_config`` works on any backbone.
+
+    ``input_size`` is a side length or timm's own ``(C, H, W)``.
+    """
+    size = (3, input_size, input_size) if isinstance(input_size, int) else tuple(int(v) for v in input_size)
+    cfg = dict(input_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                interpolation="bicubic", crop_pct=0.875, num_classes=1000)
     cfg.update(kw)
     return cfg

@@ -2,26 +2,34 @@
 
 Preprocessing is timm's, resolved from the backbone (``timm.data.create_transform`` with the
 backbone's mean, std, input size, interpolation and crop), so pretrained weights see what they
-were trained on. ``val`` falls back to ``test`` and vice versa when only one exists.
+were trained on. ``val`` falls back to ``test`` and vice versa when only one exists. Setup checks
+every image of every split (``arena.data.checks``).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import ImageFolder
 
-from .base import ArenaDataModule
+from .base import SPLITS, ArenaDataModule
+from .checks import DataCheck
 
 LAYOUT = "root/train/<class>/*.jpg plus root/val/<class>/ and/or root/test/<class>/"
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB; a corrupt file raises ``ValueError`` naming it."""
+    """Open an image as RGB; a corrupt file raises ``ValueError`` naming it.
+
+    16-bit greyscale (PIL mode ``I;16``) keeps its top 8 bits: PIL's own conversion would clip it at 255.
+    """
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
+            if img.mode.startswith("I;16"):
+                img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {e}. Remove or replace the file.") from e
@@ -71,3 +79,6 @@ class ImageFolderDataModule(ArenaDataModule):
                if k in self.data_config}
         transform = create_transform(**cfg, is_training=split == "train" and self.train_augment)
         return ImageFolder(str(self.dirs[split]), transform=transform, loader=load_rgb)
+
+    def check_data(self, check: DataCheck) -> None:
+        check.images(Path(p) for split in SPLITS for p, _ in self.datasets[split].samples)
