@@ -257,6 +257,7 @@ class ViTCoMer(Backbone):
     """
 
     family = "hybrid"
+    embed_modules = ("head",)  # used by embed() only: dropped by prune_to_features()
 
     def __init__(
         self,

@@ -64,6 +64,7 @@ class SegmentationTask(TaskModule):
 
     name = "segmentation"
     primary_metric = "miou"
+    reads_embed = False
 
     def __init__(self, *, backbone: Backbone, num_classes: int, head: str = "upernet",
                  head_kwargs: Mapping[str, Any] | None = None, aux_weight: float = 0.4, ignore_index: int = 255,
