@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from arena.config import check_backbone_override, register_configs
-from arena.run import build_run, finish_run, load_checkpoint
+from arena.run import build_run, finish_run, load_checkpoint, run_test
 
 register_configs()
 
@@ -36,7 +36,7 @@ def evaluate(cfg: DictConfig, run_dir: str) -> dict:
     run = build_run(cfg, run_dir)
     if state is not None:
         run.module.load_state_dict(state, strict=True)
-    run.trainer.test(run.module, datamodule=run.datamodule)
+    run_test(run)
     if cfg.get("save_images"):
         run.module.save_pictures(run.datamodule, Path(run_dir) / "pictures", int(cfg.save_images))
     return finish_run(run, stage="eval", checkpoint=cfg.get("ckpt_path"))
