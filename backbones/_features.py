@@ -70,7 +70,8 @@ class Backbone(nn.Module):
     Subclasses set ``self.all_feature_info`` (every level ``forward_levels`` returns) and call
     ``self.set_out_indices``. ``input_multiple`` is what input sides must be divisible by and
     ``fixed_input_size`` the only size a model takes, when it has one. ``embed_modules`` names
-    the submodules only ``embed`` uses (the pooled head): ``prune_to_features`` drops them.
+    the submodules only ``embed`` uses (the pooled head): ``prune_to_features`` drops them;
+    ``feature_modules`` those ``embed`` never uses: ``freeze_feature_modules`` freezes them.
     """
 
     family: str = "baseline"
@@ -80,6 +81,7 @@ class Backbone(nn.Module):
     fixed_input_size: int | None = None
     pretrained_cfg: dict[str, Any]
     embed_modules: tuple[str, ...] = ()
+    feature_modules: tuple[str, ...] = ()
     features_only: bool = False  # set by prune_to_features: embed() raises
     pruned_keys: frozenset[str] = frozenset()  # state-dict keys prune_to_features removed
 
@@ -118,6 +120,16 @@ class Backbone(nn.Module):
             owner = self.get_submodule(owner_name)
             if getattr(owner, leaf, None) is not None:
                 setattr(owner, leaf, None)
+
+    def freeze_feature_modules(self) -> "Backbone":
+        """Freeze the submodules ``embed`` never uses, for tasks that read only ``embed``; returns ``self``.
+
+        They get no gradient from such a task (so no update either), and DistributedDataParallel
+        refuses trainable parameters without one.
+        """
+        for name in self.feature_modules:
+            self.get_submodule(name).requires_grad_(False)
+        return self
 
     def set_out_indices(self, out_indices: Sequence[int] | None) -> None:
         if self.features_only:

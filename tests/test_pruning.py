@@ -77,3 +77,12 @@ def test_dense_tasks_prune_and_classification_keeps_embed() -> None:
     cls = ClassificationTask(backbone=create_backbone("convnext_test"), num_classes=3)
     assert not cls.backbone.features_only
     assert cls(x).shape == (2, 3)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_classification_trains_every_trainable_backbone_parameter(name: str) -> None:
+    task = ClassificationTask(backbone=create_backbone(name), num_classes=3)
+    x = _input(task.backbone)
+    task.training_step((x, torch.tensor([0, 2])), 0).backward()
+    assert _unused(task) == []
+    assert sum(p.numel() for p in task.backbone.parameters() if p.requires_grad) > 0

@@ -26,12 +26,13 @@ class TaskModule(L.LightningModule):
     A task whose class sets ``reads_embed = False`` (it reads only feature levels) prunes the
     backbone to them (``Backbone.prune_to_features``), so every parameter it carries is trained:
     what DistributedDataParallel requires, and no optimiser state or weight decay is spent on
-    a pooled head nothing reads.
+    a pooled head nothing reads. A task that reads ``embed`` only (the default) freezes the
+    modules ``embed`` never uses instead (``Backbone.freeze_feature_modules``).
     """
 
     name: str = "task"
     primary_metric: str = ""  # the test metric leaderboards rank by
-    reads_embed: bool = True  # False: the task reads only feature levels, the pooled head is pruned
+    reads_embed: bool = True  # True: the task reads only embed(); False: only feature levels
     arena_config: dict[str, Any] | None = None  # the run's resolved config, saved in checkpoints
     arena_overrides: list[str] | None = None  # its command-line overrides, so eval.py can recompose it
 
@@ -45,7 +46,9 @@ class TaskModule(L.LightningModule):
             raise ValueError(f"lr must be > 0, got {lr}")
         if layer_decay is not None and not 0 < layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1] or null, got {layer_decay}")
-        if not self.reads_embed:
+        if self.reads_embed:
+            backbone.freeze_feature_modules()
+        else:
             backbone.prune_to_features()
         self.backbone = backbone
         self.mode = mode
