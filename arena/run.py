@@ -83,15 +83,30 @@ def run_test(run: Run) -> None:
         trainer.test(run.module, datamodule=run.datamodule)
 
 
-def finish_run(run: Run, *, stage: str, checkpoint: str | None = None) -> dict[str, Any] | None:
-    """Write the run's record from what ``run_test`` logged; returns the record (``None`` on DDP ranks > 0)."""
+def tested_weights(*, trainer: L.Trainer | None = None, checkpoint: dict[str, Any] | None = None) -> str:
+    """Which weights a test scored: ``"ema"`` when ``trainer`` averages them (an EMA callback) or ``checkpoint``
+    was saved by such a trainer (its ``state_dict`` is then the average), else ``"final"`` (the weights as trained)."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    if checkpoint is not None:
+        return "ema" if "averaging_state" in checkpoint else "final"
+    return "ema" if trainer and any(isinstance(c, EMAWeightAveraging) for c in trainer.callbacks) else "final"
+
+
+def finish_run(run: Run, *, stage: str, checkpoint: str | None = None,
+               weights: str | None = None) -> dict[str, Any] | None:
+    """Write the run's record from what ``run_test`` logged; returns the record (``None`` on DDP ranks > 0).
+
+    ``weights`` names the tested weights (``tested_weights``); by default they follow the trainer's callbacks.
+    """
     if run.trainer.global_rank != 0:
         return None
     params, flops = backbone_costs(run.backbone, run.datamodule.image_size)
     record = make_record(stage=stage, status="complete", cfg=run.cfg, family=run.backbone.family,
                          metrics=run.module.test_metrics(), params=params, flops=flops,
                          wall_time_s=time.time() - run.started, run_dir=run.run_dir, checkpoint=checkpoint,
-                         primary_metric=run.module.primary_metric)
+                         primary_metric=run.module.primary_metric,
+                         tested_weights=weights or tested_weights(trainer=run.trainer))
     write_record(run.run_dir, record)
     return record
 

@@ -63,3 +63,21 @@ def test_sync_batchnorm_is_turned_off_on_cpu_only() -> None:
     assert ddp.sync_batchnorm is True  # the composed config is left as it was
     gpu = OmegaConf.create({"accelerator": "gpu", "sync_batchnorm": True})
     assert resolve_sync_batchnorm(gpu).sync_batchnorm is True
+
+
+def test_ema_run_records_and_checkpoints_the_averaged_weights(make_cfg, tmp_path: Path) -> None:
+    from eval import evaluate
+    from train import train
+
+    overrides = ["backbone=resnet_test", *SMALL]
+    raw = train(make_cfg(*overrides, run_dir=tmp_path / "raw"), tmp_path / "raw")
+    overrides += ["callbacks=ema", "callbacks.ema.decay=0.5"]
+    rec = train(make_cfg(*overrides, run_dir=tmp_path / "run"), tmp_path / "run", overrides=overrides)
+    assert (raw["tested_weights"], rec["tested_weights"]) == ("final", "ema")
+    assert rec["metrics"]["loss"] != pytest.approx(raw["metrics"]["loss"], rel=1e-4)  # same training, averaged
+    assert "averaging_state" in load_checkpoint(rec["checkpoint"])
+    # the recorded metrics are those of the averaged weights, which eval.py reads from the checkpoint
+    erec = evaluate(make_cfg(f"ckpt_path={rec['checkpoint']}", config="eval", run_dir=tmp_path / "eval"),
+                    str(tmp_path / "eval"))
+    assert erec["tested_weights"] == "ema"
+    assert erec["metrics"] == pytest.approx(rec["metrics"], rel=1e-5, abs=1e-7)
