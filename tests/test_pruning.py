@@ -86,3 +86,24 @@ def test_classification_trains_every_trainable_backbone_parameter(name: str) -> 
     task.training_step((x, torch.tensor([0, 2])), 0).backward()
     assert _unused(task) == []
     assert sum(p.numel() for p in task.backbone.parameters() if p.requires_grad) > 0
+
+
+@pytest.mark.parametrize("head", ["faster_rcnn", "mask_rcnn", "retinanet", "fcos"])
+def test_every_detection_head_trains_every_parameter(head: str) -> None:
+    torch.manual_seed(0)
+    task = DetectionTask(backbone=create_backbone("convnext_test"), num_classes=3, head=head, image_size=64,
+                         fpn_channels=64)
+    masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    masks[0, 4:30, 4:30] = masks[1, 20:50, 20:60] = 1
+    target = {"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0], [20.0, 20.0, 60.0, 50.0]]),
+              "labels": torch.tensor([1, 2]), "masks": masks}
+    task.training_step(([torch.rand(3, 64, 64), torch.rand(3, 64, 64)], [target, target]), 0).backward()
+    assert _unused(task) == []
+
+
+def test_upernet_without_auxiliary_loss_drops_the_auxiliary_head() -> None:
+    task = SegmentationTask(backbone=create_backbone("convnext_test"), num_classes=3, head="upernet", aux_weight=0.0,
+                            head_kwargs={"channels": 16})
+    assert task.head.aux is None
+    task.training_step((torch.rand(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64))), 0).backward()
+    assert _unused(task) == []
