@@ -23,7 +23,7 @@ from .bench import count_flops, count_params
 from .config import resolve_data_config
 from .data.base import ArenaDataModule
 from .records import make_record, write_record
-from .scaling import resolve_sync_batchnorm, single_test_trainer
+from .scaling import check_launch, resolve_sync_batchnorm, single_test_trainer
 from .tasks.base import TaskModule
 
 
@@ -62,6 +62,7 @@ def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     trainer: L.Trainer = instantiate(resolve_sync_batchnorm(cfg.trainer), callbacks=callbacks,
                                      logger=loggers or False)
+    check_launch(trainer)
     return Run(cfg, backbone, datamodule, module, trainer, run_dir)
 
 

@@ -12,6 +12,11 @@ from rank 0 only.
 On CPU (the gloo backend) ``trainer.sync_batchnorm`` is turned off with an info line: PyTorch's
 ``SyncBatchNorm`` runs on GPUs only, and ``trainer=ddp trainer.accelerator=cpu trainer.devices=2``
 is how a multi-GPU configuration is checked on a laptop.
+
+A multirun cell (a battle) cannot start its own processes: Lightning starts them by running the
+command line again, which would run the whole sweep again. Its processes must come from the
+cluster: SLURM (``hydra/launcher=slurm`` with ``tasks_per_node`` = ``gpus_per_node`` =
+``trainer.devices``) or ``torchrun``; ``check_launch`` refuses the rest before anything trains.
 """
 from __future__ import annotations
 
@@ -40,6 +45,21 @@ def resolve_sync_batchnorm(trainer_cfg: DictConfig) -> DictConfig:
         with open_dict(trainer_cfg):
             trainer_cfg.sync_batchnorm = False
     return trainer_cfg
+
+
+def check_launch(trainer: L.Trainer) -> None:
+    """Refuse a multi-process trainer inside a Hydra multirun unless the cluster started the processes."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if trainer.world_size == 1 or not multirun or SLURMEnvironment.detect() or TorchElasticEnvironment.detect():
+        return
+    raise ValueError(
+        f"trainer runs {trainer.world_size} processes in a multirun cell, which would launch the whole sweep again "
+        f"in each of them; run battles on several devices with hydra/launcher=slurm and tasks_per_node = "
+        f"gpus_per_node = trainer.devices (SLURM starts one process per device), or run a single cell without -m")
 
 
 def single_test_trainer(trainer: L.Trainer, trainer_cfg: DictConfig) -> L.Trainer | None:

@@ -81,3 +81,16 @@ def test_ema_run_records_and_checkpoints_the_averaged_weights(make_cfg, tmp_path
                     str(tmp_path / "eval"))
     assert erec["tested_weights"] == "ema"
     assert erec["metrics"] == pytest.approx(rec["metrics"], rel=1e-5, abs=1e-7)
+
+
+def test_multirun_cell_refuses_to_start_its_own_processes(make_cfg, tmp_path: Path) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict, read_write
+
+    cfg = make_cfg("backbone=convnext_test", *DDP_CPU)
+    with read_write(cfg.hydra), open_dict(cfg.hydra):
+        cfg.hydra.mode = RunMode.MULTIRUN
+    HydraConfig.instance().set_config(cfg)
+    with pytest.raises(ValueError, match="hydra/launcher=slurm"):
+        build_run(cfg, tmp_path)
