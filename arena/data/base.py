@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from backbones._features import IMAGENET_MEAN, IMAGENET_STD
 
+from .resumable import ResumableLoader
+
 
 def normalize(image_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """CHW uint8 -> float normalised with the backbone's mean/std."""
@@ -72,7 +74,8 @@ class ArenaDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             self.datasets[split] = self.make_dataset(split)
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
+        loader_cls = ResumableLoader if shuffle else DataLoader  # a shuffled loader resumes mid-epoch
+        return loader_cls(self.datasets[split], batch_size=self.batch_size,
                           num_workers=self.num_workers, collate_fn=self.collate_fn,
                           persistent_workers=self.num_workers > 0, drop_last=shuffle and self.task != "detection"
                           and len(self.datasets[split]) > self.batch_size)
