@@ -391,6 +391,9 @@ class LastCheckpoint(ModelCheckpoint):
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        # Lightning loads the training loader's saved position only when it makes the loader after restoring the
+        # loops; ``estimated_stepping_batches`` (the LR schedule) made it before, so load it now, before its first batch
+        trainer.fit_loop._load_combined_loader_states()
         if self._rng_to_restore is not None:
             _set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None

@@ -37,12 +37,15 @@ class ResumableLoader(DataLoader):
     """A shuffling ``DataLoader`` over ``EpochSampler`` with ``state_dict``/``load_state_dict``.
 
     The seed is drawn from torch's global generator when the loader is made (so it follows
-    ``seed_everything``) and then travels in the checkpoint.
+    ``seed_everything``) and then travels in the checkpoint. The loader's own generator seeds the
+    workers, so making an iterator draws nothing from the global generator, whose state a resumed
+    run restores.
     """
 
     def __init__(self, dataset: Sized, **kwargs: Any) -> None:
         seed = int(torch.empty((), dtype=torch.int64).random_().item()) % 2**62
-        super().__init__(dataset, sampler=EpochSampler(len(dataset), seed=seed), **kwargs)
+        super().__init__(dataset, sampler=EpochSampler(len(dataset), seed=seed),
+                         generator=torch.Generator().manual_seed(seed), **kwargs)
         self.served = 0  # batches of the sampler's current epoch handed out so far
 
     def __iter__(self) -> Iterator[Any]:
