@@ -19,7 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from arena.config import check_backbone_override, register_configs
-from arena.run import build_run, compose_from_checkpoint, finish_run, load_checkpoint, logged_failure, resolve_ckpt_path
+from arena.run import (build_run, compose_from_checkpoint, finish_run, load_checkpoint, logged_failure,
+                       resolve_ckpt_path, with_checkpoint_overrides)
 
 register_configs()
 
@@ -47,4 +48,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     check_backbone_override(sys.argv[1:])
+    sys.argv[1:] = with_checkpoint_overrides(sys.argv[1:])
     main()

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from arena.battle import run_cell
 from arena.config import check_backbone_override, register_configs
 from arena.run import (build_run, compose_from_checkpoint, finish_run, fit, logged_failure, resolve_ckpt_path,
-                       trained_overrides)
+                       trained_overrides, with_checkpoint_overrides)
 
 register_configs()
 
@@ -52,4 +52,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     check_backbone_override(sys.argv[1:])
+    sys.argv[1:] = with_checkpoint_overrides(sys.argv[1:])
     main()

@@ -296,19 +296,29 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     return str(ckpt_path)
 
 
-def compose_from_checkpoint(config_name: str, ckpt_path: str, command_line: Sequence[str],
-                            run_dir: str | Path) -> tuple[DictConfig, list[str]]:
-    """The config of a run recomposed from a checkpoint, and the overrides it was composed with: the
-    checkpoint's checked stored overrides, then the command line's.
-
-    A key or group the command line sets replaces the checkpoint's, so ``eval.py ckpt_path=<ckpt>
-    task.module.score_threshold=0.2`` needs no ``task=`` and ``data=voc`` switches the data.
-    """
+def checkpoint_overrides(ckpt_path: str | Path, command_line: Sequence[str]) -> list[str]:
+    """The overrides that recompose a checkpoint's run: its checked stored ones that the command line does not
+    replace (same key or group), then the command line's."""
     stored = checked_overrides(load_checkpoint(ckpt_path), ckpt_path)
     parser = OverridesParser.create()
     here = {o.key_or_group for o in parser.parse_overrides(list(command_line))}
-    overrides = [o for o, p in zip(stored, parser.parse_overrides(stored)) if p.key_or_group not in here]
-    overrides += command_line
+    return [o for o, p in zip(stored, parser.parse_overrides(stored)) if p.key_or_group not in here] + list(command_line)
+
+
+def with_checkpoint_overrides(argv: Sequence[str]) -> list[str]:
+    """Command-line arguments with those of their ``ckpt_path=<file>`` checkpoint put first (``checkpoint_overrides``),
+    so that Hydra composes the checkpoint's run: ``eval.py ckpt_path=<detection ckpt> task.module.score_threshold=0.2``
+    needs no ``task=detection``. ``ckpt_path=last|auto`` is resolved later, in the run directory."""
+    path = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("ckpt_path=")), None)
+    if path in (None, "", "null", "last", "auto"):
+        return list(argv)
+    return checkpoint_overrides(resolve_ckpt_path(path, "."), argv)
+
+
+def compose_from_checkpoint(config_name: str, ckpt_path: str, command_line: Sequence[str],
+                            run_dir: str | Path) -> tuple[DictConfig, list[str]]:
+    """The config of a run recomposed from a checkpoint (``checkpoint_overrides``), and those overrides."""
+    overrides = checkpoint_overrides(ckpt_path, command_line)
     cfg = compose(config_name=config_name, overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)

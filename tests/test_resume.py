@@ -16,7 +16,7 @@ import torch
 
 from arena.records import RECORD_NAME
 from arena.run import (SafeCheckpointIO, checkpoint_refusal, compose_from_checkpoint, load_checkpoint,
-                       resolve_ckpt_path)
+                       resolve_ckpt_path, with_checkpoint_overrides)
 from eval import evaluate
 from train import train
 
@@ -56,6 +56,7 @@ def _train_py(*args: str, **popen) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, **popen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
 def test_interrupted_run_resumes_to_the_same_result(reference: dict, tmp_path: Path, sig: signal.Signals) -> None:
     run_dir, flag = tmp_path / "run", tmp_path / "held"
@@ -144,10 +145,14 @@ def test_checkpoint_adding_a_callback_is_refused(reference: dict, make_cfg, tmp_
         evaluate(make_cfg(f"ckpt_path={bad}", config="eval", run_dir=tmp_path / "eval"), str(tmp_path / "eval"))
     with pytest.raises(ValueError, match=r"callbacks.evil._target_"):
         train(make_cfg(*RUN, f"ckpt_path={bad}", run_dir=tmp_path / "train"), tmp_path / "train")
-    cli = _train_py(f"ckpt_path={bad}", f"hydra.run.dir={tmp_path / 'cli'}")
-    out = cli.communicate(timeout=300)[0]
-    assert cli.returncode == 1 and "is not allowed" in out
-    assert "is not allowed" in (tmp_path / "cli" / "train.log").read_text()  # the traceback is in the run's log
+    if attack == "open":  # once from the command line: resuming it
+        (tmp_path / "cli" / "checkpoints").mkdir(parents=True)
+        bad.rename(tmp_path / "cli" / "checkpoints" / "last.ckpt")
+        cli = _train_py("ckpt_path=last", f"hydra.run.dir={tmp_path / 'cli'}")
+        out = cli.communicate(timeout=300)[0]
+        assert cli.returncode == 1 and "is not allowed" in out
+        log = (tmp_path / "cli" / "train.log").read_text()
+        assert "Traceback" in log and "is not allowed" in log  # the run's log file holds the failure
     assert not marker.exists()
     assert not (tmp_path / "eval" / RECORD_NAME).exists() and not (tmp_path / "train" / RECORD_NAME).exists()
 
@@ -160,7 +165,9 @@ def test_eval_takes_task_overrides_on_a_checkpoints_task(make_cfg, tmp_path: Pat
     cfg, overrides = compose_from_checkpoint("eval", rec["checkpoint"], here, tmp_path / "eval")
     assert cfg.task.name == "detection" and cfg.task.module.score_threshold == 0.2 and cfg.data.num_test == 2
     assert overrides[-2:] == here
-    erec = evaluate(make_cfg(*here, config="eval", run_dir=tmp_path / "eval"), str(tmp_path / "eval"))
+    argv = with_checkpoint_overrides(here)  # what eval.py hands Hydra
+    assert "task=detection" in argv and argv[-2:] == here
+    erec = evaluate(make_cfg(*argv, config="eval", run_dir=tmp_path / "eval"), str(tmp_path / "eval"))
     assert erec["task"] == "detection" and erec["stage"] == "eval"
     assert erec["metrics"]["map"] == pytest.approx(rec["metrics"]["map"], abs=1e-6)
 
