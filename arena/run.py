@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import signal
 import time
 import warnings
@@ -228,8 +229,8 @@ def _underscored(value: Any) -> str | None:
 def checkpoint_refusal(override: str) -> str | None:
     """Why a command-line override may not come from a checkpoint, or ``None`` when it defines what was trained.
 
-    Accepted: a choice of a ``TRAINED_GROUPS`` config group (a file of the project's ``conf/``, or a
-    registered backbone), and setting, adding or deleting a key under ``TRAINED_ROOTS`` or one of
+    Accepted: a choice of a ``TRAINED_GROUPS`` config group by name (a file of the project's ``conf/``,
+    or a registered backbone; no ``..`` or absolute path), and setting, adding or deleting a key under ``TRAINED_ROOTS`` or one of
     ``TRAINED_TRAINER_KEYS``, with no key part and no key inside the value starting with ``_``.
     Everything else (callbacks, loggers, ``hydra``, ``paths``, ``ckpt_path``, other trainer keys,
     any ``_target_``, package overrides ``group@pkg=...``, sweeps) is refused.
@@ -248,7 +249,12 @@ def checkpoint_refusal(override: str) -> str | None:
         return f"key {key!r} has the part {bad!r}"
     if not parsed.is_delete() and (bad := _underscored(parsed.value())) is not None:
         return f"its value holds the key {bad!r}"
-    if len(parts) == 1 and key in TRAINED_GROUPS or parts[0] in TRAINED_ROOTS:
+    if len(parts) == 1 and key in TRAINED_GROUPS:
+        option = parsed.value()
+        if not isinstance(option, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-/]*", option) or ".." in option:
+            return f"{option!r} is not the name of a {key} config"
+        return None
+    if parts[0] in TRAINED_ROOTS:
         return None
     if parts[0] == "trainer" and len(parts) == 2 and parts[1] in TRAINED_TRAINER_KEYS:
         return None

@@ -105,7 +105,7 @@ def test_ckpt_path_last_and_auto(tmp_path: Path) -> None:
     "+callbacks.evil._target_=builtins.open", "callbacks=none", "logger=wandb", "task.module._target_=builtins.print",
     "task.module.loss={_target_:builtins.open,file:x}", "task@callbacks.evil=detection", "hydra.run.dir=/tmp/x",
     "paths.log_dir=/", "trainer.accelerator=gpu", "+trainer.plugins._target_=x.y", "ckpt_path=last",
-    "data=shapes,voc", "optimized_metric=x", "backbone._partial_=true",
+    "data=shapes,voc", "optimized_metric=x", "backbone._partial_=true", "task=../../../tmp/evil", "data=/tmp/evil",
 ])
 def test_checkpoint_may_not_set(override: str) -> None:
     assert checkpoint_refusal(override) is not None
