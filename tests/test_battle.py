@@ -295,3 +295,38 @@ def test_battle_on_real_data_formats(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert Path(scan.records[0]["run_dir"]).resolve().is_relative_to(battle.resolve())
     board = pd.read_csv(battle / "leaderboard" / "leaderboard.csv")
     assert board["entry"].tolist() == ["convnext_test"] and board.loc[0, "coverage"] == "1/1"
+
+
+def test_battle_killed_in_its_second_cell_resumes_that_cell(tmp_path: Path) -> None:
+    """SIGKILL a real battle while its second cell trains, then re-run the command: the first cell is left as it
+    was (its record, checkpoint and metric logs untouched) and the second resumes from its step checkpoint
+    instead of starting again."""
+    import signal
+    import time
+
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=battle_test", "backbone=convnext_test",
+           "task=classification", "seed=0,1", "data.image_size=32", "data.batch_size=8", "data.num_workers=0",
+           "trainer.limit_train_batches=40", f"paths.log_dir={tmp_path}", "logger=csv", "trainer.accelerator=cpu",
+           "callbacks.model_checkpoint.every_n_train_steps=2", "hydra.callbacks.battle.bench_sizes=[]"]
+    battle = tmp_path / "battles" / "test" / "classification" / "shapes" / "fine_tune" / "convnext_test"
+    first, second = battle / "seed0", battle / "seed1"
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (second / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (first / RECORD_NAME).is_file() and not (second / RECORD_NAME).exists(), "not killed in the second cell"
+    results = [first / RECORD_NAME, *(first / "checkpoints").iterdir(), *(first / "csv").iterdir()]
+    untouched = {p: p.stat().st_mtime_ns for p in results}
+    saved_step = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < saved_step < 40
+
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in results} == untouched  # its record, checkpoint and logs
+    log = (second / "train.log").read_text()
+    assert f"at global step {saved_step} " in log, log[-2000:]  # resumed, not restarted
+    record = read_record(second)
+    assert record["status"] == "complete"
+    assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 40
