@@ -23,10 +23,11 @@ register_configs()
 
 
 def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict:
-    """Fit, test with the final weights, and write the record; returns the record."""
+    """Fit (unless the task is training-free), test with the final weights, and write the record."""
     run = build_run(cfg, run_dir)
     run.module.arena_overrides = list(overrides or [])
-    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if run.module.trains:
+        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
     run.trainer.test(run.module, datamodule=run.datamodule)
     ckpt = Path(run_dir) / "checkpoints" / "last.ckpt"
     return finish_run(run, stage="train", checkpoint=str(ckpt) if ckpt.exists() else None)

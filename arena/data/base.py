@@ -29,10 +29,16 @@ def detection_collate(batch: list[tuple[torch.Tensor, Any]]) -> tuple[list[torch
 
 
 class ArenaDataModule(L.LightningDataModule):
-    """Base datamodule: subclasses set ``num_classes``, ``class_names`` and implement ``make_dataset``."""
+    """Base datamodule: subclasses set ``num_classes``, ``class_names`` and implement ``make_dataset``.
+
+    ``test_splits`` are the test sets in dataloader order: ``test``, then extra ones with the same
+    classes (``ood/<name>``); ``has_split`` says which further splits a probe can read with
+    ``eval_loader`` (``bank``: the training split without augmentation; ``gallery``).
+    """
 
     num_classes: int
     class_names: list[str]
+    test_splits: list[str]
 
     def __init__(self, *, task: str, tasks: Sequence[str], batch_size: int = 64, num_workers: int = 0,
                  data_config: dict[str, Any] | None = None, name: str | None = None) -> None:
@@ -49,6 +55,7 @@ class ArenaDataModule(L.LightningDataModule):
         self.std = tuple(self.data_config.get("std", IMAGENET_STD))
         self.name = name or type(self).__name__
         self.datasets: dict[str, Dataset] = {}
+        self.test_splits = ["test"]
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -83,5 +90,14 @@ class ArenaDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def has_split(self, split: str) -> bool:
+        """Whether ``make_dataset`` serves ``split`` beyond train, val and the test sets."""
+        return False
+
+    def eval_loader(self, split: str) -> DataLoader:
+        """``split`` in order, with test-time preprocessing."""
+        return self._loader(split, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        loaders = [self.eval_loader(s) for s in self.test_splits]
+        return loaders[0] if len(loaders) == 1 else loaders
