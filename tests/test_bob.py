@@ -1,0 +1,101 @@
+"""BoB's OOD test sets and its aggregation over five task types."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from arena.leaderboard import build_leaderboard, record_settings
+from tests.test_train import _write_imagefolder
+from train import train
+
+
+def test_classification_on_shapes_records_the_sketch_ood_set(make_cfg, tmp_path: Path) -> None:
+    rec = train(make_cfg("backbone=convnext_test", "trainer.fast_dev_run=true"), tmp_path)
+    m = rec["metrics"]
+    assert {"acc1", "ood/sketch/acc1", "ood/sketch/acc5", "ood/sketch/loss"} <= set(m)
+    assert 0.0 <= m["ood/sketch/acc1"] <= m["ood/sketch/acc5"] <= 1.0
+    assert ("ood", "shapes>sketch", "acc1", m["ood/sketch/acc1"]) in record_settings(rec)
+
+
+def test_imagefolder_ood_sets_are_checked_up_front_and_recorded(make_cfg, tmp_path: Path) -> None:
+    root = _write_imagefolder(tmp_path / "data")
+    shifted = _write_imagefolder(tmp_path / "shifted", classes=("b", "c"), per_class=2) / "train"  # a class subset
+    common = ["backbone=convnext_test", "data=imagefolder", f"data.root={root}", "data.image_size=32",
+              "data.num_workers=0", "data.batch_size=4", "trainer.max_epochs=1"]
+    rec = train(make_cfg(*common, f"+data.ood_tests.shift={shifted}"), tmp_path / "run")
+    assert 0.0 <= rec["metrics"]["ood/shift/acc1"] <= 1.0 and "acc1" in rec["metrics"]
+    with pytest.raises(Exception, match=r"data.ood_tests.bad: class folders \['zebra'\]"):  # via Hydra
+        _write_imagefolder(tmp_path / "zoo", classes=("a", "zebra"), per_class=1)
+        train(make_cfg(*common, f"+data.ood_tests.bad={tmp_path / 'zoo' / 'train'}"), tmp_path / "bad")
+    with pytest.raises(Exception, match="data.ood_tests.gone=.* does not exist"):
+        train(make_cfg(*common, f"+data.ood_tests.gone={tmp_path / 'nowhere'}"), tmp_path / "gone")
+    assert not (tmp_path / "bad" / "checkpoints").exists()  # refused before training
+
+
+METRIC = {"classification": "acc1", "detection": "map", "segmentation": "miou", "retrieval": "map_at_r"}
+
+
+def rec(backbone: str, task: str, metrics: dict[str, float], mode: str = "fine_tune",
+        dataset: str = "shapes") -> dict:
+    return {"schema_version": 1, "status": "complete", "stage": "train", "backbone": backbone, "family": "baseline",
+            "task": task, "mode": mode, "dataset": dataset, "seed": 0, "config_hash": f"{backbone}{task}{mode}",
+            "primary_metric": METRIC[task], "metrics": metrics, "params": 1e6, "flops": 1e9, "image_size": 64,
+            "wall_time_s": 1.0, "versions": {}, "created": "2026-01-01T00:00:00", "run_dir": "", "error": None}
+
+
+def bob_records() -> list[dict]:
+    """Three backbones over the five task types, with mask AP, a kNN probe and two OOD sets."""
+    out = []
+    for b, (acc, ood, knn, box, mask, miou, mapr, sk2) in {
+        "x": (0.9, 0.5, 0.6, 0.30, 0.20, 0.5, 0.4, 0.2),
+        "y": (0.7, 0.6, 0.7, 0.10, 0.25, 0.6, 0.1, 0.4),
+        "z": (0.5, 0.1, 0.2, 0.20, 0.30, 0.4, 0.7, 0.3),
+    }.items():
+        out += [rec(b, "classification", {"acc1": acc, "ood/sketch/acc1": ood, "ood/sketch/acc5": 1.0}),
+                rec(b, "classification", {"acc1": knn, "ood/sketch/acc1": sk2}, mode="knn"),
+                rec(b, "detection", {"map": box, "segm_map": mask, "map_50": 0.9}),
+                rec(b, "segmentation", {"miou": miou}),
+                rec(b, "retrieval", {"map_at_r": mapr, "map": 0.5}, mode="frozen")]
+    return out
+
+
+def _z(values: list[float]) -> np.ndarray:
+    v = np.asarray(values)
+    return (v - v.mean()) / v.std()
+
+
+def test_bob_aggregation_over_five_task_types() -> None:
+    board = build_leaderboard(bob_records())
+    t = board.table.set_index("backbone")
+    # by hand: z per setting over x, y, z; the mean within each task type; the mean over the five types
+    types = {
+        "classification": [_z([0.9, 0.7, 0.5]), _z([0.6, 0.7, 0.2])],  # fine-tune and kNN
+        "detection": [_z([0.30, 0.10, 0.20]), _z([0.20, 0.25, 0.30])],  # box AP and mask AP
+        "segmentation": [_z([0.5, 0.6, 0.4])],
+        "retrieval": [_z([0.4, 0.1, 0.7])],
+        "ood": [_z([0.5, 0.6, 0.1]), _z([0.2, 0.4, 0.3])],  # sketch after fine-tuning and after kNN
+    }
+    per_type = {task: np.mean(zs, axis=0) for task, zs in types.items()}
+    for task, expected in per_type.items():
+        assert t.loc[["x", "y", "z"], f"score_{task}"].tolist() == pytest.approx(expected.tolist())
+    overall = np.mean(list(per_type.values()), axis=0)
+    assert t.loc[["x", "y", "z"], "score"].tolist() == pytest.approx(overall.tolist())
+    assert (t["coverage"] == "8/8").all()
+    assert t.loc["y", "ood/shapes>sketch/fine_tune:acc1"] == pytest.approx(0.6)
+    assert t.loc["z", "detection/shapes/fine_tune:segm_map"] == pytest.approx(0.30)
+    assert t.loc["x", "retrieval/shapes/frozen:map_at_r"] == pytest.approx(0.4)
+
+
+def test_an_ood_set_one_backbone_lacks_is_listed_missing() -> None:
+    records = bob_records()
+    records[0]["metrics"].pop("ood/sketch/acc1")  # x's fine-tuned classification without its OOD set
+    board = build_leaderboard(records)
+    missing = board.missing
+    assert missing[["backbone", "task", "dataset", "mode", "metric"]].values.tolist() == [
+        ["x", "ood", "shapes>sketch", "fine_tune", "acc1"]]
+    t = board.table.set_index("backbone")
+    assert t.loc["x", "coverage"] == "7/8" and pd.isna(t.loc["x", "rank"])
+    assert t.loc["x", "score_ood"] == pytest.approx(_z([0.2, 0.4, 0.3])[0])  # the OOD setting it has
