@@ -6,8 +6,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
 from arena.leaderboard import build_leaderboard, record_settings
+from tests.conftest import ROOT
 from tests.test_train import _write_imagefolder
 from train import train
 
@@ -25,13 +28,13 @@ def test_imagefolder_ood_sets_are_checked_up_front_and_recorded(make_cfg, tmp_pa
     shifted = _write_imagefolder(tmp_path / "shifted", classes=("b", "c"), per_class=2) / "train"  # a class subset
     common = ["backbone=convnext_test", "data=imagefolder", f"data.root={root}", "data.image_size=32",
               "data.num_workers=0", "data.batch_size=4", "trainer.max_epochs=1"]
-    rec = train(make_cfg(*common, f"+data.ood_tests.shift={shifted}"), tmp_path / "run")
+    rec = train(make_cfg(*common, f"data.ood_tests={{shift: '{shifted}'}}"), tmp_path / "run")
     assert 0.0 <= rec["metrics"]["ood/shift/acc1"] <= 1.0 and "acc1" in rec["metrics"]
     with pytest.raises(Exception, match=r"data.ood_tests.bad: class folders \['zebra'\]"):  # via Hydra
         _write_imagefolder(tmp_path / "zoo", classes=("a", "zebra"), per_class=1)
-        train(make_cfg(*common, f"+data.ood_tests.bad={tmp_path / 'zoo' / 'train'}"), tmp_path / "bad")
+        train(make_cfg(*common, f"data.ood_tests={{bad: '{tmp_path / 'zoo' / 'train'}'}}"), tmp_path / "bad")
     with pytest.raises(Exception, match="data.ood_tests.gone=.* does not exist"):
-        train(make_cfg(*common, f"+data.ood_tests.gone={tmp_path / 'nowhere'}"), tmp_path / "gone")
+        train(make_cfg(*common, f"data.ood_tests={{gone: '{tmp_path / 'nowhere'}'}}"), tmp_path / "gone")
     assert not (tmp_path / "bad" / "checkpoints").exists()  # refused before training
 
 
@@ -99,3 +102,72 @@ def test_an_ood_set_one_backbone_lacks_is_listed_missing() -> None:
     t = board.table.set_index("backbone")
     assert t.loc["x", "coverage"] == "7/8" and pd.isna(t.loc["x", "rank"])
     assert t.loc["x", "score_ood"] == pytest.approx(_z([0.2, 0.4, 0.3])[0])  # the OOD setting it has
+
+
+MINI = {"mini_shapes_ft": ("classification", "shapes", "fine_tune"),
+        "mini_cifar10_lp": ("classification", "cifar10_small", "linear_probe"),
+        "mini_cifar10_knn": ("classification", "cifar10_small", "knn"),
+        "mini_cifar10_retrieval": ("retrieval", "cifar10_small", "frozen"),
+        "mini_bccd_detection": ("detection", "bccd_voc", "fine_tune"),
+        "mini_camvid_segmentation": ("segmentation", "camvid", "fine_tune")}
+
+
+def compose_cfg(*overrides: str) -> DictConfig:
+    """The composed ``train`` config (with Hydra's), without the tests' shapes shortcuts."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_bob_mini_grid_composes_every_setting_and_weights() -> None:
+    from hydra.utils import get_class
+
+    cfg = compose_cfg("experiment=bob_mini", "+bob_setting=mini_shapes_ft", "+weights=random")
+    params = cfg.hydra.sweeper.params
+    assert set(params["+bob_setting"].split(",")) == set(MINI) and params["+weights"] == "random,shapes"
+    assert len(params.backbone.split(",")) == 2
+    for i, (setting, want) in enumerate(MINI.items()):
+        weights = ("random", "shapes")[i % 2]
+        cfg = compose_cfg("experiment=bob_mini", f"+bob_setting={setting}", f"+weights={weights}",
+                          "backbone=convnext_atto")
+        assert (cfg.task.name, cfg.data.name, cfg.task.mode) == want
+        assert get_class(cfg.task.module._target_).name == want[0]
+        pretrained = cfg.backbone.pretrained
+        assert (pretrained is None) == (weights == "random")
+        assert weights == "random" or pretrained.endswith("pretrained/convnext_atto-shapes/checkpoints/last.ckpt")
+
+
+def test_bob_settings_compose_with_the_roots_given() -> None:
+    roots = ["bob.imagenet=/d/in1k", "bob.imagenet_ood={r: /d/in-r}", "bob.coco=/d/coco", "bob.ade20k=/d/ade",
+             "bob.ade20k_classes=[wall,sky]", "bob.retrieval=/d/cub", "bob.retrieval_name=cub200"]
+    want = {"imagenet_ft": ("classification", "imagenet", "fine_tune", "/d/in1k"),
+            "imagenet_lp": ("classification", "imagenet", "linear_probe", "/d/in1k"),
+            "imagenet_knn": ("classification", "imagenet", "knn", "/d/in1k"),
+            "coco_detection": ("detection", "coco", "fine_tune", "/d/coco"),
+            "ade20k_segmentation": ("segmentation", "ade20k", "fine_tune", "/d/ade"),
+            "retrieval": ("retrieval", "cub200", "frozen", "/d/cub")}
+    for setting, (task, data, mode, root) in want.items():
+        cfg = compose_cfg("experiment=bob", f"+bob_setting={setting}", "backbone=convnext_atto", *roots)
+        assert (cfg.task.name, cfg.data.name, cfg.task.mode, cfg.data.root) == (task, data, mode, root)
+    assert compose_cfg("experiment=bob", "+bob_setting=imagenet_ft", *roots).data.ood_tests == {"r": "/d/in-r"}
+
+
+def test_pretrain_callback_runs_only_for_missing_local_weights(tmp_path: Path, monkeypatch) -> None:
+    from omegaconf import OmegaConf
+
+    from arena import bob
+    from arena.records import write_json_atomic
+
+    calls = []
+    monkeypatch.setattr(bob.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or
+                        type("Done", (), {"returncode": 1, "stderr": "boom"})())
+    callback = bob.PretrainCallback(out_dir=str(tmp_path), suffix="shapes", overrides=["data=shapes"])
+    wanted = str(tmp_path / "net-shapes" / "checkpoints" / "last.ckpt")
+    job = lambda pretrained: OmegaConf.create({"backbone": {"name": "net", "pretrained": pretrained}})  # noqa: E731
+    callback.on_job_start(job(None))
+    callback.on_job_start(job("/elsewhere/weights.safetensors"))
+    assert calls == []
+    callback.on_job_start(job(wanted))  # a failing pretraining is logged, not raised: the cell records the failure
+    assert calls[0][-3:] == ["backbone=net", "data=shapes", f"hydra.run.dir={tmp_path / 'net-shapes'}"]
+    write_json_atomic(tmp_path / "net-shapes" / "metrics.json", {**rec("net", "classification", {}), "status": "complete"})
+    callback.on_job_start(job(wanted))
+    assert len(calls) == 1  # done once: reused
