@@ -26,7 +26,8 @@ votes for its class with weight ``exp(similarity / temperature)``, and the class
 ``ood/<name>/acc1``.
 
 Similarities are computed on the run's device ``chunk_size`` queries at a time against the whole
-gallery, so memory grows with ``chunk_size x gallery`` and never with ``queries x gallery``.
+gallery, so memory grows with ``chunk_size x gallery`` and never with ``queries x gallery``. The
+probes run in one process (``trainer.devices=1``): every query needs the whole gallery.
 """
 from __future__ import annotations
 
@@ -121,6 +122,10 @@ def knn_class_scores(queries: torch.Tensor, bank: torch.Tensor, bank_labels: tor
     return torch.cat(scores)
 
 
+def _concat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 class EmbeddingTask(TaskModule):
     """Shared by retrieval and kNN: a frozen backbone whose normalized embeddings are collected per test set."""
 
@@ -142,10 +147,13 @@ class EmbeddingTask(TaskModule):
         return F.normalize(self.backbone.embed(x).float(), dim=1)
 
     def _embed_all(self, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [(self(x.to(self.device)), y.to(self.device)) for x, y in loader]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return _concat([(self(x.to(self.device)), y.to(self.device)) for x, y in loader])
 
     def on_test_start(self) -> None:
+        if self.trainer.world_size > 1:
+            raise ValueError(f"task {self.name!r} ({type(self).__name__}) compares every query with the whole "
+                             f"gallery on one device, but the trainer runs {self.trainer.world_size} processes; "
+                             f"run it with trainer.devices=1 (it trains nothing, so one device is enough)")
         self.collected = {}
         self.reference = None
         dm = self.trainer.datamodule
@@ -157,8 +165,8 @@ class EmbeddingTask(TaskModule):
         self.collected.setdefault(dataloader_idx, []).append((self(x), y))
 
     def collected_set(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = self.collected[index]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        """Embeddings and labels of test set ``index`` (dataloader order)."""
+        return _concat(self.collected[index])
 
     def test_metrics(self) -> dict[str, float]:
         return dict(self.scores)
