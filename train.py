@@ -37,7 +37,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:  # a grid cell: skip if done, resume if interrupted, record failures
-        record = run_cell(cfg, hc.runtime.output_dir, list(hc.overrides.task), train)
+        record = run_cell(cfg, hc.runtime.output_dir, list(hc.overrides.task), train, root=hc.sweep.dir)
     else:
         record = train(cfg, hc.runtime.output_dir, list(hc.overrides.task))
     metric = cfg.get("optimized_metric")

@@ -13,7 +13,11 @@ which excludes time spent waiting for a core: single-core throughput, repeatable
 machine. Inference runs under ``inference_mode``; a training step is forward, a loss on every
 feature level, backward and an SGD step. The CSV columns follow timm's ``benchmark.py`` results
 (``infer_samples_per_sec``, ``infer_step_time`` in ms, ``infer_gmacs`` per sample, ``param_count``
-in millions, ...), with this project's extra columns after them.
+in millions, ...), with this project's extra columns after them. As timm's ``--reparam``, models
+with a deploy form (FastViT, UniRepLKNet, RepLKNet) are reparameterized before inference is timed
+and counted (``infer_form`` says which form was measured; ``reparam=False`` times the train form);
+training always runs the train form. FLOPs are reported as GMACs (multiply-accumulates, as timm
+and the papers count them; ``infer_gflops`` is twice that).
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step. On CPU, where PyTorch
 keeps no allocator statistics, the peak number of bytes held by tensor storages at once during
@@ -24,6 +28,7 @@ overhead and scratch memory internal to a kernel are not included.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -51,7 +56,7 @@ TIMM_COLUMNS = ("model", "infer_samples_per_sec", "infer_step_time", "infer_batc
                 "train_img_size")
 EXTRA_COLUMNS = ("family", "infer_gflops", "infer_spread_pct", "infer_peak_mem_mb", "train_spread_pct",
                  "train_peak_mem_mb", "device", "threads", "clock", "precision", "channels_last", "compiled",
-                 "error")
+                 "infer_form", "error")
 COLUMNS = TIMM_COLUMNS + EXTRA_COLUMNS
 
 
@@ -135,6 +140,7 @@ class BenchSettings:
     block_time: float = 0.5  # seconds per block (at least one step)
     train: bool = True
     clock: str = "wall"  # "cpu": one thread, timed by its CPU time (see the module docstring)
+    reparam: bool = True  # time inference in the deploy form of models that have one (timm's --reparam)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -238,33 +244,44 @@ def _bench_backbone(name: str, img_size: int, settings: BenchSettings) -> dict[s
     device = torch.device(settings.device)
     with torch.device("meta"):
         meta = create_backbone(name, img_size=img_size)
+    deploy = settings.reparam and hasattr(meta, "reparameterize")
     row: dict[str, Any] = {
         "model": name, "family": meta.family, "infer_img_size": img_size, "infer_batch_size": settings.batch_size,
         "param_count": round(count_params(meta) / 1e6, 3), "device": device.type, "threads": torch.get_num_threads(),
         "clock": settings.clock, "precision": settings.precision, "channels_last": settings.channels_last,
-        "compiled": settings.compile,
+        "compiled": settings.compile, "infer_form": "deploy" if deploy else "train",
     }
+    if deploy:  # FLOPs of the form that is timed (tensors the merge creates are on meta too)
+        with torch.device("meta"), torch.no_grad():
+            meta.eval().reparameterize()
     flops = count_flops(meta, img_size)
     row.update(infer_gmacs=round(flops / 2e9, 4), infer_gflops=round(flops / 1e9, 4))
     del meta
 
-    model = create_backbone(name, img_size=img_size).to(device)
     fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = create_backbone(name, img_size=img_size).to(device).to(memory_format=fmt)
     x = torch.randn(settings.batch_size, 3, img_size, img_size, device=device).to(memory_format=fmt)
-    run = torch.compile(model) if settings.compile else model
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if settings.precision == "bf16" else nullcontext())
-    resident = tensor_bytes([*model.parameters(), *model.buffers(), x])
+    infer_model = model
+    if deploy:  # a reparameterized copy for inference; training keeps the train form
+        infer_model = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            infer_model.reparameterize()
+    infer_run = torch.compile(infer_model) if settings.compile else infer_model
+    resident = tensor_bytes([*infer_model.parameters(), *infer_model.buffers(), x])
 
     def infer() -> None:
         with torch.inference_mode(), autocast:
-            run(x)
+            infer_run(x)
 
-    model.eval()
+    infer_model.eval()
     step_s, spread = time_step(infer, device, settings)
     row.update(infer_samples_per_sec=round(settings.batch_size / step_s, 2), infer_step_time=round(step_s * 1e3, 3),
                infer_spread_pct=round(100 * spread, 2), infer_peak_mem_mb=round(_peak_memory(infer, device, resident), 2))
+    del infer_run, infer_model
     if settings.train:
+        run = torch.compile(model) if settings.compile else model
+        resident = tensor_bytes([*model.parameters(), *model.buffers(), x])
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
@@ -315,7 +332,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(batch_size=args.batch_size, device=args.device, precision=args.precision,
                              channels_last=args.channels_last, compile=args.compile, warmup=args.warmup,
                              blocks=args.blocks, block_time=args.block_time, train=not args.no_train,
-                             clock=args.clock)
+                             clock=args.clock, reparam=not args.no_reparam)
     print(f"settings: {asdict(settings)}", file=sys.stderr)
 
     def show(row: dict[str, Any]) -> None:
@@ -325,7 +342,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         train = (f"  train {row['train_samples_per_sec']:9.1f} img/s ±{row['train_spread_pct']:.1f}%"
                  if "train_samples_per_sec" in row else "")
         print(f"{row['model']:<24} @{row['infer_img_size']:<4} {row['param_count']:7.2f} M  "
-              f"{row['infer_gmacs']:7.3f} GMACs  infer {row['infer_samples_per_sec']:9.1f} img/s "
+              f"{row['infer_gmacs']:7.3f} GMACs  infer ({row['infer_form']}) {row['infer_samples_per_sec']:9.1f} img/s "
               f"±{row['infer_spread_pct']:.1f}%  {row['infer_peak_mem_mb']:8.1f} MiB{train}", file=sys.stderr)
 
     df = run_bench(args.backbones, args.img_size, settings, on_row=show)
@@ -350,6 +367,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--blocks", type=int, default=7, help="timed blocks; the median block is reported")
     p.add_argument("--block-time", type=float, default=0.5, help="seconds per timed block (at least one step)")
     p.add_argument("--no-train", action="store_true", help="inference only")
+    p.add_argument("--no-reparam", action="store_true",
+                   help="time inference in the train form too (default: reparameterizable models in deploy form)")
     p.add_argument("--clock", choices=CLOCKS, default="wall",
                    help="cpu: one thread timed by its CPU time, steady on a busy machine (single-core throughput)")
     p.add_argument("--out", help="CSV file (default: stdout)")

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -300,19 +299,5 @@ def as_pyramid(backbone: Backbone, strides: Sequence[int] = DENSE_STRIDES) -> Ba
     return pyr
 
 
-def interpolate_pos_embed(pos: torch.Tensor, new_hw: tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
-    """Resize a [1, prefix + H*W, C] absolute position embedding to a new grid (bicubic)."""
-    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
-    n = grid.shape[1]
-    old = int(round(n ** 0.5))
-    if old * old != n:
-        raise ValueError(f"position embedding has {n} grid tokens, not a square grid")
-    if (old, old) == tuple(new_hw):
-        return pos
-    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=new_hw, mode="bicubic", align_corners=False).to(pos.dtype)
-    return torch.cat([prefix, grid.flatten(2).transpose(1, 2)], dim=1)
-
-
 __all__ = ["FeatureInfo", "Backbone", "TimmBackbone", "SimpleFeaturePyramid", "as_pyramid",
-           "pretrained_cfg_for", "interpolate_pos_embed", "default_out_indices"]
+           "pretrained_cfg_for", "default_out_indices"]

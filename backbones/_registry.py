@@ -67,33 +67,60 @@ def backbone_entry(name: str) -> Entry:
     )
 
 
-def create_backbone(name: str, pretrained: Any = None, *, pretrained_strict: bool = True, **overrides: Any) -> Backbone:
+def check_backbone_name(name: str) -> str:
+    """``name`` if it is registered or ``timm/<a timm model>``; ``ValueError`` naming the closest names otherwise."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"backbone name must be a non-empty string, got {name!r}")
+    if not name.startswith(TIMM_PREFIX):
+        backbone_entry(name)
+        return name
+    import timm
+
+    timm_name = name[len(TIMM_PREFIX):]
+    if not timm.is_model(timm_name):
+        close = difflib.get_close_matches(timm_name, timm.list_models(), n=5, cutoff=0.5)
+        raise ValueError(f"unknown timm model {timm_name!r}; closest timm names: "
+                         f"{', '.join(TIMM_PREFIX + c for c in close) or 'none'}")
+    return name
+
+
+def create_backbone(name: str, pretrained: Any = None, *, tag: str | None = None, pretrained_strict: bool = True,
+                    **overrides: Any) -> Backbone:
     """Build a registered backbone (or ``timm/<name>``) and optionally load weights.
 
     ``pretrained``: ``None``/``False`` for random init, ``True`` for the registered default
     source, a local checkpoint path, or a hub id (see ``backbones._weights``); ``pretrained_strict=False``
-    loads what fits instead of refusing a checkpoint that does not match exactly. ``overrides`` go
-    to the entrypoint (``out_indices``, ``img_size``, ``drop_path_rate``, ...).
+    loads what fits instead of refusing a checkpoint that does not match exactly. ``tag`` names the
+    weights, as in timm's ``<name>.<tag>`` (which ``name`` may also be): with ``pretrained=True`` the
+    architecture's weights of that tag are loaded (``pretrained_tags(name)`` lists them); with another
+    source it only names them. ``overrides`` go to the entrypoint (``out_indices``, ``img_size``,
+    ``drop_path_rate``, ...).
 
     >>> b = create_backbone("convnext_test")
     >>> b.feature_info.strides
     (4, 8, 16, 32)
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"backbone name must be a non-empty string, got {name!r}")
-    if name.startswith(TIMM_PREFIX):
-        timm_name = name[len(TIMM_PREFIX):]
-        import timm
+    from ._weights import check_tag, load_pretrained, split_tag, tag_source, tagged_cfg
 
-        if not timm.is_model(timm_name.split(".")[0]):
-            close = difflib.get_close_matches(timm_name, timm.list_models(), n=5, cutoff=0.5)
-            raise ValueError(f"unknown timm model {timm_name!r}; closest timm names: {', '.join(close) or 'none'}")
-        model = TimmBackbone(timm_name, **overrides)
+    name, name_tag = split_tag(name)
+    check_backbone_name(name)
+    if name_tag is not None and tag is not None and name_tag != tag:
+        raise ValueError(f"two tags for one backbone: {name}.{name_tag} and tag={tag!r}; give one")
+    tag = check_tag(tag) if tag is not None else name_tag
+    if tag is not None and pretrained in (None, False):
+        raise ValueError(f"tag {tag!r} names pretrained weights, but pretrained={pretrained!r} means random init: "
+                         f"pass pretrained=True to load {name}.{tag} (backbone.pretrained=true), or the file it "
+                         f"names, or drop the tag")
+    released = tag is not None and (pretrained is True or str(pretrained).lower() == "true")
+    if released:
+        pretrained = tag_source(name, tag)
+    if name.startswith(TIMM_PREFIX):
+        model: Backbone = TimmBackbone(name[len(TIMM_PREFIX):], **overrides)
     else:
         model = backbone_entry(name).fn(**overrides)
     model.backbone_name = name
+    if released:
+        model.pretrained_cfg.update(tag=tag, **tagged_cfg(name, tag))
     if pretrained not in (None, False):
-        from ._weights import load_pretrained
-
         load_pretrained(model, pretrained, strict=pretrained_strict)
     return model

@@ -27,7 +27,9 @@ A checkpoint whose keys all exist in the model (``arena convert`` output, Lightn
 ``model.state_dict()``) is used as is; any other goes through the family's
 ``checkpoint_filter_fn(state_dict, model)`` (timm's own filter for timm-backed models), which maps
 the official key layout, train or deploy form, to the model's. A wrapper holding both plain and
-EMA weights gives the plain ones (``state_dict``/``model``), as official evaluations use them.
+EMA weights gives the plain ones (``state_dict``/``model``), as official evaluations use them,
+unless the model's ``pretrained_cfg["state_dict_key"]`` names the one its release is evaluated
+with (GLNet-16g: ``model_ema``).
 
 >>> import tempfile, torch
 >>> from backbones import create_backbone
@@ -40,9 +42,11 @@ EMA weights gives the plain ones (``state_dict``/``model``), as official evaluat
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import pickle
+import re
 import sys
 import urllib.parse
 from dataclasses import dataclass, field
@@ -54,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from ._features import TimmBackbone
+from ._registry import TIMM_PREFIX
 
 _logger = logging.getLogger(__name__)
 
@@ -165,7 +170,8 @@ def read_checkpoint(source: Any, model: nn.Module | None = None, *, trust_pickle
     obj, metadata = _read_file(path, trust_pickle=trust_pickle)
     if described != str(path):
         described = f"{described} ({path})"
-    return Checkpoint(_unwrap(obj, described), described, metadata)
+    prefer = ((getattr(model, "pretrained_cfg", None) or {}).get("state_dict_key"),) if model is not None else ()
+    return Checkpoint(_unwrap(obj, described, prefer=tuple(k for k in prefer if k)), described, metadata)
 
 
 def default_location(model: nn.Module) -> tuple[str, str | None]:
@@ -297,8 +303,9 @@ def _unsafe_globals(path: Path) -> str:
     return f" ({', '.join(names)})" if names else ""
 
 
-def _unwrap(obj: Any, source: str) -> StateDict:
-    """The flat state dict inside a checkpoint: wrapper keys removed, DDP/compile prefixes stripped."""
+def _unwrap(obj: Any, source: str, *, prefer: tuple[str, ...] = ()) -> StateDict:
+    """The flat state dict inside a checkpoint: wrapper keys removed (``prefer``'s first), DDP/compile
+    prefixes stripped."""
     from timm.models import clean_state_dict
 
     while True:
@@ -308,7 +315,7 @@ def _unwrap(obj: Any, source: str) -> StateDict:
             raise ValueError(f"{source} holds a {type(obj).__name__}, not a state dict")
         if any(isinstance(v, Tensor) for v in obj.values()):
             break
-        key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), (Mapping, nn.Module))), None)
+        key = next((k for k in prefer + WRAPPER_KEYS if isinstance(obj.get(k), (Mapping, nn.Module))), None)
         if key is None:
             raise ValueError(f"{source} holds no state dict: its keys are {sorted(map(str, obj))[:12]}, none of them "
                              f"tensors or one of the wrappers {', '.join(WRAPPER_KEYS)}")
@@ -524,3 +531,204 @@ def _registered_layout(name: str) -> dict[str, Shape]:
     with torch.device("meta"):
         target, _, _ = _target(create_backbone(name))
     return {k: tuple(v.shape) for k, v in target.state_dict().items()}
+
+
+# --- tags: the named weights of an architecture (timm's ``<name>.<tag>``) ------------------------------------
+TAG_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+RANDOM = "random"
+# words of a tag (or of a timm architecture) that say how the weights were pretrained
+_CLIP_WORDS = re.compile(r"clip|openai|laion\w*|siglip\d*|metaclip|datacomp\w*|dfn\w*|webli")
+_SELF_SUPERVISED_WORDS = re.compile(r"dino(v\d)?|mae|ibot|moco(v\d)?|simclr(v\d)?|byol|swav|mim|beit(v\d)?|data2vec")
+_SUPERVISED_WORDS = {"in1k": "supervised-in1k", "in12k": "supervised-in12k", "in21k": "supervised-in22k",
+                     "in22k": "supervised-in22k"}
+# classifier sizes that only ImageNet-12k/22k training gives (1000 classes may be a fine-tuning head)
+_SUPERVISED_CLASSES = {11821: "supervised-in12k", 21841: "supervised-in22k", 21843: "supervised-in22k"}
+
+
+def check_tag(tag: Any) -> str:
+    """``tag`` if it can name weights (letters, digits, ``_``, ``-``): it becomes part of directory and row names."""
+    if not isinstance(tag, str) or not TAG_PATTERN.fullmatch(tag):
+        raise ValueError(f"weights tag {tag!r} must be letters, digits, '_' or '-' (e.g. fb_in22k, in1k, shapes): "
+                         f"it names the weights in run directories and leaderboard rows")
+    return tag
+
+
+def split_tag(name: str) -> tuple[str, str | None]:
+    """``"convnext_tiny.fb_in22k"`` -> ``("convnext_tiny", "fb_in22k")``; a name without a tag -> ``(name, None)``."""
+    arch, dot, tag = name.partition(".")
+    return arch, (check_tag(tag) if dot else None)
+
+
+@lru_cache(maxsize=None)
+def _release_cfg(name: str) -> dict[str, Any]:
+    """``pretrained_cfg`` of the registered backbone ``name``, built on the meta device (no memory, no weights)."""
+    from ._registry import create_backbone
+
+    with torch.device("meta"):
+        return dict(create_backbone(name).pretrained_cfg)
+
+
+def _timm_architecture(name: str) -> str | None:
+    """The timm architecture behind ``name`` (``timm/<arch>`` or a timm-backed entry), ``None`` for native ones."""
+    return name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else _release_cfg(name).get("architecture")
+
+
+def _release(name: str) -> dict[str, Any]:
+    """Where the registered default weights of ``name`` come from: ``tag``, ``hf_hub_id``, ``url`` (empty: none)."""
+    if name.startswith(TIMM_PREFIX):
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name[len(TIMM_PREFIX):])
+        cfg = cfg.to_dict() if cfg is not None else {}
+    else:
+        cfg = _release_cfg(name)
+    return cfg if cfg.get("hf_hub_id") or cfg.get("url") else {}
+
+
+def pretrained_tags(name: str) -> list[str]:
+    """The tags ``create_backbone(name, pretrained=True, tag=...)`` loads: every timm pretrained tag of a
+    timm-backed architecture, the official release of a native one (none for models without weights).
+
+    >>> "fb_in22k" in pretrained_tags("convnext_tiny"), pretrained_tags("unireplknet_t")
+    (True, ['in1k'])
+    """
+    release = _release(name)
+    if not release:
+        return []
+    arch = _timm_architecture(name)
+    if arch is None:
+        return [release["tag"]] if release.get("tag") else []
+    import timm
+
+    return [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+
+
+def default_tag(name: str) -> str | None:
+    """The tag of the weights ``pretrained=True`` loads without a tag; ``None`` when ``name`` has none."""
+    return _release(name).get("tag")
+
+
+def tag_source(name: str, tag: str) -> str | bool:
+    """The ``pretrained=`` source of ``name``'s weights under ``tag``; ``ValueError`` naming the known tags."""
+    tags = pretrained_tags(name)
+    if tag not in tags:
+        known = f"its tags: {', '.join(tags)}" if tags else "it has no published weights"
+        raise ValueError(f"{name} has no pretrained weights tagged {tag!r}; {known}. A local file takes any tag: "
+                         f"backbone={name} backbone.pretrained=/path/to/weights.safetensors backbone.tag={tag}")
+    arch = _timm_architecture(name)
+    return f"{TIMM_TAG_PREFIX}{arch}.{tag}" if arch is not None else True
+
+
+def tagged_cfg(name: str, tag: str) -> dict[str, Any]:
+    """The preprocessing (mean, std, interpolation, crop) that ``name``'s weights under ``tag`` were trained with."""
+    arch = _timm_architecture(name)
+    if arch is None:
+        return {}
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(f"{arch}.{tag}").to_dict()
+    return {k: cfg[k] for k in ("mean", "std", "interpolation", "crop_pct") if cfg.get(k) is not None}
+
+
+def pretraining_of(tag: str | None, architecture: str = "", num_classes: int | None = None) -> str:
+    """How weights were pretrained, read from their names: ``clip``, ``self-supervised``,
+    ``supervised-in22k``/``-in12k``/``-in1k``, else ``unknown``; ``none`` without a tag (random init).
+
+    Only the part of the tag before ``_ft_`` counts (``fb_in22k_ft_in1k`` was pretrained on
+    ImageNet-22k); the architecture's words count too (``vit_base_patch16_clip_224.openai``), and
+    ``num_classes`` of timm's ``pretrained_cfg`` decides when no word does.
+
+    >>> pretraining_of("fb_in22k_ft_in1k"), pretraining_of("openai", "vit_base_patch16_clip_224"), pretraining_of(None)
+    ('supervised-in22k', 'clip', 'none')
+    """
+    if tag is None:
+        return "none"
+    words = re.split(r"[_./-]", f"{architecture}_{tag.split('_ft_')[0]}".lower())
+    if any(_CLIP_WORDS.fullmatch(w) for w in words):
+        return "clip"
+    if any(_SELF_SUPERVISED_WORDS.fullmatch(w) for w in words):
+        return "self-supervised"
+    found = [_SUPERVISED_WORDS[w] for w in words if w in _SUPERVISED_WORDS]
+    return found[0] if found else _SUPERVISED_CLASSES.get(num_classes, "unknown")
+
+
+@lru_cache(maxsize=None)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:8]
+
+
+def file_digest(path: str | Path) -> str:
+    """The first 8 hex digits of the file's sha256 (computed once per file version)."""
+    st = Path(path).stat()
+    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _file_stem(path: str) -> str:
+    name = Path(urllib.parse.urlparse(path).path).name
+    stem = next((name[:-len(s)] for s in FILE_SUFFIXES if name.endswith(s)), Path(name).stem)
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-") or "weights"
+
+
+@dataclass(frozen=True)
+class WeightsId:
+    """What a backbone's weights are: an architecture, the tag naming its weights (``None``: random init),
+    ``weights`` (``random``, the tag of a registered release, ``file:<file name>@<sha256 prefix>``, or the
+    hub id / URL) and ``pretraining`` (see ``pretraining_of``)."""
+
+    architecture: str
+    tag: str | None
+    weights: str
+    pretraining: str
+
+    @property
+    def entry(self) -> str:
+        """What a battle compares: ``<architecture>`` untrained, ``<architecture>.<tag>`` with weights."""
+        return self.architecture if self.tag is None else f"{self.architecture}.{self.tag}"
+
+
+def identify_weights(name: str, pretrained: Any = None, tag: str | None = None) -> WeightsId:
+    """The ``WeightsId`` of ``create_backbone(name, pretrained, tag=tag)``, without building it.
+
+    The tag is ``tag`` when given, else: the registered default's tag (``pretrained=True``), the part
+    after the dot of ``timm:<model>.<tag>``, or the file name of a local file, URL or hub repository.
+
+    >>> identify_weights("convnext_tiny", "timm:convnext_tiny.fb_in22k").entry
+    'convnext_tiny.fb_in22k'
+    """
+    arch, name_tag = split_tag(name)
+    tag = check_tag(tag) if tag is not None else name_tag
+    if pretrained in (None, False):
+        return WeightsId(arch, None, RANDOM, "none")
+    source = "true" if pretrained is True else str(pretrained)
+    if source.lower() == "true":
+        tag = tag or default_tag(arch) or "default"
+        release = _timm_architecture(arch)
+        return WeightsId(arch, tag, tag, pretraining_of(tag, release or arch, _timm_classes(release, tag)))
+    if source.startswith(TIMM_TAG_PREFIX):
+        release, _, source_tag = source[len(TIMM_TAG_PREFIX):].partition(".")
+        tag = tag or check_tag(source_tag or "default")
+        return WeightsId(arch, tag, tag, pretraining_of(source_tag, release, _timm_classes(release, source_tag)))
+    if source.startswith(HUB_PREFIX) or source.startswith(URL_PREFIXES):
+        tag = tag or _file_stem(source.split("@")[0])
+        return WeightsId(arch, tag, source, pretraining_of(tag))
+    path = Path(source).expanduser()
+    tag = tag or _file_stem(source)
+    weights = f"file:{path.name}@{file_digest(path)}" if path.is_file() else f"file:{path.name}"
+    return WeightsId(arch, tag, weights, pretraining_of(tag))
+
+
+def _timm_classes(arch: str | None, tag: str | None) -> int | None:
+    """``num_classes`` of timm's ``pretrained_cfg`` for ``arch.tag`` (``None`` when timm has no such weights)."""
+    if arch is None or tag is None:
+        return None
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(f"{arch}.{tag}")
+    except RuntimeError:  # timm's answer for a known architecture with an unknown tag
+        return None
+    return cfg.num_classes if cfg is not None else None

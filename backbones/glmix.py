@@ -298,9 +298,15 @@ _URLS = {
 }
 
 
+# Releases evaluated with their EMA weights: a checkpoint holding both gives these.
+_EMA_RELEASES = {"glnet_16g"}
+
+
 def _create_glnet(variant: str, **kwargs: Any) -> GLNet:
     model = GLNet(**kwargs)
-    model.pretrained_cfg.update(url=_URLS.get(variant))
+    model.pretrained_cfg.update(url=_URLS.get(variant), tag="in1k" if variant in _URLS else None)
+    if variant in _EMA_RELEASES:
+        model.pretrained_cfg.update(state_dict_key="model_ema")
     return model
 
 

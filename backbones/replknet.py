@@ -237,17 +237,18 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: RepLKNet) -
     return out
 
 
-_CHECKPOINTS = {  # variant -> (official ImageNet-1k checkpoint, its resolution)
-    "replknet_31b": ("https://drive.google.com/file/d/1azQUiCxK9feYVkkrPqwVPBtNsTzDrX7S/view?usp=sharing", 224),
-    "replknet_31l": ("https://drive.google.com/file/d/1JYXoNHuRvC33QV1pmpzMTKEni1hpWfBl/view?usp=sharing", 384),
+_CHECKPOINTS = {  # variant -> (official ImageNet-1k checkpoint, its resolution, its tag)
+    "replknet_31b": ("https://drive.google.com/file/d/1azQUiCxK9feYVkkrPqwVPBtNsTzDrX7S/view?usp=sharing", 224, "in1k"),
+    "replknet_31l": ("https://drive.google.com/file/d/1JYXoNHuRvC33QV1pmpzMTKEni1hpWfBl/view?usp=sharing", 384,
+                     "in22k_ft_in1k_384"),
 }
 
 
 def _create_replknet(variant: str, **kwargs: Any) -> RepLKNet:
     model = RepLKNet(**kwargs)
     if variant in _CHECKPOINTS:
-        url, size = _CHECKPOINTS[variant]
-        model.pretrained_cfg = pretrained_cfg_for(kwargs.get("img_size") or size, url=url, classifier="head",
+        url, size, tag = _CHECKPOINTS[variant]
+        model.pretrained_cfg = pretrained_cfg_for(kwargs.get("img_size") or size, url=url, tag=tag, classifier="head",
                                                   crop_pct=0.875 if size == 224 else 1.0)
     return model
 

@@ -300,14 +300,14 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: UniRepLKNet
 
 
 _HF = "https://huggingface.co/DingXiaoH/UniRepLKNet/resolve/main/"
-_CHECKPOINTS = {  # variant -> (official ImageNet-1k checkpoint, its resolution)
-    "unireplknet_a": ("unireplknet_a_in1k_224_acc77.03.pth", 224),
-    "unireplknet_f": ("unireplknet_f_in1k_224_acc78.58.pth", 224),
-    "unireplknet_p": ("unireplknet_p_in1k_224_acc80.23.pth", 224),
-    "unireplknet_n": ("unireplknet_n_in1k_224_acc81.64.pth", 224),
-    "unireplknet_t": ("unireplknet_t_in1k_224_acc83.21.pth", 224),
-    "unireplknet_s": ("unireplknet_s_in1k_224_acc83.91.pth", 224),
-    "unireplknet_b": ("unireplknet_b_in22k_to_in1k_384_acc87.40.pth", 384),
+_CHECKPOINTS = {  # variant -> (official ImageNet-1k checkpoint, its resolution, its tag)
+    "unireplknet_a": ("unireplknet_a_in1k_224_acc77.03.pth", 224, "in1k"),
+    "unireplknet_f": ("unireplknet_f_in1k_224_acc78.58.pth", 224, "in1k"),
+    "unireplknet_p": ("unireplknet_p_in1k_224_acc80.23.pth", 224, "in1k"),
+    "unireplknet_n": ("unireplknet_n_in1k_224_acc81.64.pth", 224, "in1k"),
+    "unireplknet_t": ("unireplknet_t_in1k_224_acc83.21.pth", 224, "in1k"),
+    "unireplknet_s": ("unireplknet_s_in1k_224_acc83.91.pth", 224, "in1k"),
+    "unireplknet_b": ("unireplknet_b_in22k_to_in1k_384_acc87.40.pth", 384, "in22k_ft_in1k_384"),
 }
 
 # the official kernel plans: 3x3 in stage 1, 13x13 elsewhere, interleaved with 3x3 in stage 3 of T/S/B
@@ -320,9 +320,9 @@ _KERNELS_SB = ((3,) * 3, (13,) * 3, (13, 3, 3) * 9, (13,) * 3)
 def _create_unireplknet(variant: str, **kwargs: Any) -> UniRepLKNet:
     model = UniRepLKNet(**kwargs)
     if variant in _CHECKPOINTS:
-        file, size = _CHECKPOINTS[variant]
-        model.pretrained_cfg = pretrained_cfg_for(kwargs.get("img_size") or size, url=_HF + file, classifier="head",
-                                                  crop_pct=0.875 if size == 224 else 1.0)
+        file, size, tag = _CHECKPOINTS[variant]
+        model.pretrained_cfg = pretrained_cfg_for(kwargs.get("img_size") or size, url=_HF + file, tag=tag,
+                                                  classifier="head", crop_pct=0.875 if size == 224 else 1.0)
     return model
 
 

@@ -15,7 +15,8 @@ with ``as_pyramid``); ``embed(x)`` is the class token after the final norm, as i
 Inference on CPU (eval mode under ``torch.inference_mode``, the fused CPU scan available; FLOP
 counting under ``no_grad`` sees the plain path) streams each block over the tokens, ``STREAM_BLOCK`` (512) at a time, and adds its result to the residual stream in place: a
 forward pass keeps only the forward direction's scan output, a backward pass recomputes the
-block's input projection and finishes it, and every scan carries its state from block to block.
+block's input projection (not the last block's, kept whole) and finishes it, and every scan
+carries its state from block to block.
 A layer then holds the residual stream and that scan output (3 + 6 MB at 1024 x 1024 for Vim-Ti)
 instead of every projection of every token, and the same numbers come out
 (``tests/test_state_space.py``).
@@ -32,10 +33,10 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
-from ._features import Backbone, FeatureInfo, interpolate_pos_embed, pretrained_cfg_for
+from ._features import Backbone, FeatureInfo, pretrained_cfg_for
 from ._registry import register_backbone
 from .ops import scan_cpu
 from .ops.selective_scan import init_a_log, init_dt_bias, selective_scan
@@ -127,7 +128,8 @@ class BiMamba(nn.Module):
 
         The forward direction runs first over the blocks and keeps its (gate-free) scan output;
         the backward direction then runs from the last block to the first, recomputing each
-        block's input projection, and adds the block's result to the residual stream in place.
+        block's input projection (but the last one's, which the forward direction keeps whole),
+        and adds the block's result to the residual stream in place.
         The raw residual of the d_conv - 1 tokens after a block (its backward conv context) is
         kept aside before those tokens are updated.
         """
@@ -139,14 +141,17 @@ class BiMamba(nn.Module):
         blocks = [(t0, min(t0 + STREAM_BLOCK, L)) for t0 in range(0, L, STREAM_BLOCK)]
         for t0, t1 in blocks:  # forward direction, first block first
             lo = max(t0 - ctx, 0)
-            xp = F.pad(F.linear(norm(residual[:, lo:t1]), w_x), (0, 0, ctx - (t0 - lo), 0))
+            # the last block's whole projection is kept: the backward direction starts there
+            proj = F.linear(norm(residual[:, lo:t1]), self.in_proj.weight if t1 == L else w_x)
+            xp = F.pad(proj[..., :self.d_inner], (0, 0, ctx - (t0 - lo), 0))
             self._scan_tokens(lib, xp, "", h, out=forward[:, t0:t1])
+        last_xz = proj[:, t0 - lo:]
         h.zero_()
         after = residual[:, L:]  # raw residual of the (up to ctx) tokens after the block
         for t0, t1 in reversed(blocks):  # backward direction, last block first, then both directions together
             rows = torch.cat([residual[:, t0:t1], after], dim=1)
             after = rows[:, :ctx].clone()
-            xz = F.linear(norm(rows), self.in_proj.weight)
+            xz = last_xz if t1 == L else F.linear(norm(rows), self.in_proj.weight)
             xp = F.pad(xz[..., :self.d_inner], (0, 0, 0, ctx - (rows.shape[1] - (t1 - t0))))
             y = self._scan_tokens(lib, xp, "_b", h).add_(forward[:, t0:t1]).mul_(F.silu(xz[:, :t1 - t0, self.d_inner:]))
             residual[:, t0:t1] += F.linear(y.mul_(0.5), self.out_proj.weight)
@@ -280,7 +285,7 @@ def resize_mid_cls_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> 
     """Resize a [1, 1 + h*w, C] position embedding whose class entry sits at index h*w // 2."""
     mid = (pos_embed.shape[1] - 1) // 2
     cls, patches = pos_embed[:, mid:mid + 1], torch.cat([pos_embed[:, :mid], pos_embed[:, mid + 1:]], dim=1)
-    patches = interpolate_pos_embed(patches, grid)
+    patches = resample_abs_pos_embed(patches, list(grid), num_prefix_tokens=0, antialias=False)
     new_mid = grid[0] * grid[1] // 2
     return torch.cat([patches[:, :new_mid], cls, patches[:, new_mid:]], dim=1)
 
@@ -299,7 +304,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Vim) -> dic
 
 def _create_vim(variant: str, **kwargs: Any) -> Vim:
     model = Vim(**kwargs)
-    model.pretrained_cfg.update(url=_URLS.get(variant))
+    model.pretrained_cfg.update(url=_URLS.get(variant), tag="in1k" if variant in _URLS else None)
     return model
 
 

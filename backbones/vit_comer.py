@@ -2,7 +2,11 @@
 
 Paper: "ViT-CoMer: Vision Transformer with Convolutional Multi-scale Feature Interaction for
 Dense Predictions" (Xia et al., CVPR 2024); official code Traffic-X/ViT-CoMer (the ADE20K
-segmentation variant, whose parameter counts the paper reports, is followed here).
+segmentation variant, whose parameter counts the paper reports, is followed by ``vit_comer_tiny``
+and ``vit_comer_small``). The official COCO detection backbone is another layout: its MRFP is
+half as wide (hidden 0.5 x dim) and its CNN tokens do not attend to each other
+(``cnn_feature_interaction=False``); ``vit_comer_tiny_det`` and ``vit_comer_small_det`` are that
+layout, which its checkpoints need.
 
 The ViT (timm blocks, DeiT-T / ViT-S shapes) is untouched, so plain ViT/DeiT checkpoints load
 into it. Beside it:
@@ -27,11 +31,11 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, PatchEmbed, trunc_normal_
+from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ._features import Backbone, FeatureInfo, interpolate_pos_embed, pretrained_cfg_for
+from ._features import Backbone, FeatureInfo, pretrained_cfg_for
 from ._registry import register_backbone
 from .ops.ms_deform_attn import MSDeformAttn
 
@@ -340,7 +344,7 @@ class ViTCoMer(Backbone):
     def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         x = self.patch_embed.proj(x)
         h, w = x.shape[-2:]
-        pos = interpolate_pos_embed(self.pos_embed, (h, w))
+        pos = resample_abs_pos_embed(self.pos_embed, [h, w], num_prefix_tokens=0, antialias=False)
         return x.flatten(2).transpose(1, 2) + pos, h, w
 
     def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -402,7 +406,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: ViTCoMer) -
                 k.startswith("head.") and model.head is None):
             continue
         if k == "pos_embed":
-            v = interpolate_pos_embed(v[:, v.shape[1] - _square_grid(v.shape[1]):], grid)
+            v = resample_abs_pos_embed(v[:, v.shape[1] - _square_grid(v.shape[1]):], list(grid), num_prefix_tokens=0,
+                                       antialias=False)
         k = re.sub(r"^(blocks\.\d+)\.gamma([12])$", r"\1.ls\2.gamma", k)
         out[k] = v
     if plain_vit:
@@ -429,11 +434,12 @@ def _create_vit_comer(variant: str, **kwargs: Any) -> ViTCoMer:
 
 # The official ViT-CoMer checkpoints are published on Baidu Pan only; its training starts from
 # these DeiT releases, which load into the ViT part.
-_CFGS = {
-    "vit_comer_tiny": dict(url="https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth"),
-    "vit_comer_small": dict(url="https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth"),
-    "vit_comer_test": dict(url=None),
-}
+_DEIT_T = dict(url="https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth", tag="deit_in1k")
+_DEIT_S = dict(url="https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth", tag="deit_in1k")
+_CFGS = {"vit_comer_tiny": _DEIT_T, "vit_comer_tiny_det": _DEIT_T, "vit_comer_small": _DEIT_S,
+         "vit_comer_small_det": _DEIT_S, "vit_comer_test": dict(url=None)}
+# the official detection backbone (detection/mmdet_custom/models/backbones/comer_modules.py)
+_DETECTION = {"mrfp_ratio": 0.5, "cnn_feature_interaction": False}
 
 
 @register_backbone(family="hybrid", tiny=True)
@@ -454,3 +460,15 @@ def vit_comer_tiny(**kw: Any) -> ViTCoMer:
 def vit_comer_small(**kw: Any) -> ViTCoMer:
     return _create_vit_comer("vit_comer_small", **{
         "embed_dim": 384, "depth": 12, "num_heads": 6, "drop_path_rate": 0.2, "mrfp_ratio": 1.5, **kw})
+
+
+@register_backbone(family="hybrid")
+def vit_comer_tiny_det(**kw: Any) -> ViTCoMer:
+    return _create_vit_comer("vit_comer_tiny_det", **{
+        "embed_dim": 192, "depth": 12, "num_heads": 3, "drop_path_rate": 0.1, **_DETECTION, **kw})
+
+
+@register_backbone(family="hybrid")
+def vit_comer_small_det(**kw: Any) -> ViTCoMer:
+    return _create_vit_comer("vit_comer_small_det", **{
+        "embed_dim": 384, "depth": 12, "num_heads": 6, "drop_path_rate": 0.2, **_DETECTION, **kw})

@@ -13,6 +13,12 @@ one selective scan per route with its own parameters (one grouped call of
 
 Levels are the four stage outputs (strides 4, 8, 16, 32) before each downsampling, as in the
 official detection backbone; ``embed(x)`` is the classifier's norm + global average pool.
+``out_norm=True`` adds the official detection/segmentation backbone's channels-first LayerNorm
+on every level (``outnorm0..3``, mmdet/mmseg ``Backbone_VSSM``), which its checkpoints need.
+
+Two tiny layouts are released: ``vmamba_tiny`` is the s2l5 model (depths 2-2-5-2, ssm_ratio 2,
+``vssm_tiny_0230``) and ``vmamba_tiny_s1l8`` the current VMamba-T (depths 2-2-8-2, ssm_ratio 1,
+``vssm1_tiny_0230s``).
 
 >>> from backbones import create_backbone
 >>> model = create_backbone("vmamba_test")
@@ -23,9 +29,11 @@ from __future__ import annotations
 
 import math
 import re
+from functools import partial
 from typing import Any, Sequence
 
 import torch
+import timm.layers
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
@@ -37,32 +45,66 @@ from .ops.selective_scan import init_a_log, init_dt_bias, selective_scan
 ROUTES = 4  # row-major, column-major, and both reversed
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW map."""
+# the official ``ln2d``: a channels-first LayerNorm with nn.LayerNorm's eps (timm's permutes, so a
+# channels-last map is normalized without a copy)
+LayerNorm2d = partial(timm.layers.LayerNorm2d, eps=1e-5)
+
+
+class Linear2d(nn.Linear):
+    """A linear layer on the channels of an NCHW map (``nn.Linear``'s weight shape): one GEMM on a
+    channels-last map, which it returns channels-last."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-class Linear2d(nn.Linear):
-    """A linear layer on the channels of an NCHW map (a 1x1 conv keeping ``nn.Linear``'s weight shape)."""
+def _copy_routes(grid: torch.Tensor, seq: torch.Tensor, *, to_seq: bool) -> None:
+    """Copy each route between slice k of ``grid`` [B, H, W, 4, C] and slice k of ``seq`` [B, H*W, 4, C]
+    (route order), in the direction ``to_seq`` says: one strided copy per route, reversed routes flipped."""
+    b, h, w, _, c = grid.shape
+    for k in range(ROUTES):
+        g = grid[:, :, :, k] if k % 2 == 0 else grid[:, :, :, k].transpose(1, 2)  # row- or column-major
+        s = seq[:, :, k].view(g.shape)
+        dst, src = (s, g) if to_seq else (g, s)
+        dst.copy_(src.flip(1, 2) if k >= 2 else src)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+
+class _CrossScan(torch.autograd.Function):
+    """``cross_scan``'s copies; the gradient goes back through the same copies the other way."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        b, h, w, routes, c = x.shape
+        seq = x.new_empty(b, h * w, routes, c)
+        _copy_routes(x, seq, to_seq=True)
+        return seq
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.grid = inputs[0].shape[1:3]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        b, _, routes, c = grad.shape
+        out = grad.new_empty(b, *ctx.grid, routes, c)
+        _copy_routes(out, grad, to_seq=False)
+        return out
 
 
 def cross_scan(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, 4, C, H*W]: row-major, column-major, and both reversed."""
-    rows, cols = x.flatten(2), x.transpose(2, 3).flatten(2)
-    return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
+    """[B, H, W, 4, C] -> [B, H*W, 4, C] (time-major): route k's tokens in its order: row-major,
+    column-major, and both reversed. Route k reads channel slice k, so one call orders a per-route
+    projection; a map shared by the routes comes as an expanded view ``x[:, :, :, None].expand(...)``.
+    Each route is copied once into its slice of the result, and its gradient once back."""
+    return _CrossScan.apply(x)
 
 
 def cross_merge(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """[B, 4, C, H*W] -> [B, C, H, W]: the four routes put back on the grid and summed."""
-    b, _, c, _ = ys.shape
-    rows = ys[:, 0] + ys[:, 2].flip(-1)
-    cols = ys[:, 1] + ys[:, 3].flip(-1)
-    return rows.view(b, c, h, w) + cols.view(b, c, w, h).transpose(2, 3)
+    """[B, H*W, 4, C] -> [B, H, W, C]: the four routes put back on the grid and summed."""
+    b, _, _, c = ys.shape
+    rows = ys[:, :, 0] + ys[:, :, 2].flip(1)
+    cols = ys[:, :, 1] + ys[:, :, 3].flip(1)
+    return rows.view(b, h, w, c) + cols.view(b, w, h, c).transpose(1, 2)
 
 
 class SS2D(nn.Module):
@@ -70,6 +112,10 @@ class SS2D(nn.Module):
 
     Parameter names and shapes are the official ones: ``x_proj_weight`` [4, R + 2N, D],
     ``dt_projs_weight`` [4, D, R], ``dt_projs_bias`` [4, D], ``A_logs`` [4D, N], ``Ds`` [4D].
+    It works on channels-last maps: the projections are GEMMs on the tokens, and the four routes
+    are laid out time-major [B, L, 4, D], the scan kernel's layout. A token's x projection does not
+    depend on the route, so all four are one GEMM over the tokens in row-major order, and only
+    their few output channels are reordered per route.
     """
 
     def __init__(self, dim: int, *, d_state: int = 1, ssm_ratio: float = 2.0, d_conv: int = 3) -> None:
@@ -91,16 +137,17 @@ class SS2D(nn.Module):
         nn.init.uniform_(self.dt_projs_weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.silu(self.conv2d(self.in_proj(x)))
-        b, d, h, w = x.shape
-        xs = cross_scan(x)  # [B, 4, D, L]
-        dt, B, C = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight).split(
-            [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dt = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_projs_weight)
-        ys = selective_scan(xs.flatten(1, 2), dt.flatten(1, 2), -torch.exp(self.A_logs.float()), B, C,
+        x = F.silu(self.conv2d(self.in_proj(x))).permute(0, 2, 3, 1)  # [B, H, W, D]
+        b, h, w, d = x.shape
+        proj = F.linear(x, self.x_proj_weight.flatten(0, 1)).unflatten(-1, (ROUTES, -1))  # [B, H, W, 4, R + 2N]
+        dt, B, C = cross_scan(proj).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # [B, L, 4, *]
+        dt = torch.einsum("blkr,kdr->blkd", dt, self.dt_projs_weight)
+        xs = cross_scan(x[:, :, :, None].expand(b, h, w, ROUTES, d))  # [B, L, 4, D]
+        ys = selective_scan(xs.flatten(2).transpose(1, 2), dt.flatten(2).transpose(1, 2),
+                            -torch.exp(self.A_logs.float()), B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1),
                             self.Ds.float(), delta_bias=self.dt_projs_bias.flatten().float(), delta_softplus=True)
-        y = cross_merge(ys.view(b, ROUTES, d, h * w), h, w)
-        return self.out_proj(self.out_norm(y))
+        y = cross_merge(ys.transpose(1, 2).view(b, h * w, ROUTES, d), h, w)
+        return self.out_proj(self.out_norm(y.permute(0, 3, 1, 2)))
 
 
 class Mlp(nn.Module):
@@ -177,7 +224,8 @@ class VMamba(Backbone):
 
     def __init__(self, *, depths: Sequence[int] = (2, 2, 5, 2), dims: int | Sequence[int] = 96, d_state: int = 1,
                  ssm_ratio: float = 2.0, mlp_ratio: float = 4.0, in_chans: int = 3, num_classes: int = 0,
-                 drop_path_rate: float = 0.0, img_size: int = 224, out_indices: Sequence[int] | None = None) -> None:
+                 drop_path_rate: float = 0.0, img_size: int = 224, out_indices: Sequence[int] | None = None,
+                 out_norm: bool = False) -> None:
         super().__init__()
         dims = [dims * 2 ** i for i in range(len(depths))] if isinstance(dims, int) else list(dims)
         if len(dims) != len(depths):
@@ -195,6 +243,10 @@ class VMamba(Backbone):
         if num_classes:
             self.classifier["head"] = nn.Linear(dims[-1], num_classes)
         self.num_classes = num_classes
+        self.out_norm = out_norm
+        if out_norm:  # official module names, so mmdet/mmseg checkpoints load as they are
+            for i, d in enumerate(dims):
+                self.add_module(f"outnorm{i}", LayerNorm2d(d))
         self.all_feature_info = FeatureInfo(tuple(dims), tuple(4 * 2 ** i for i in range(len(dims))), dims[-1])
         self.set_out_indices(out_indices)
         self.input_multiple = 4 * 2 ** (len(dims) - 1)
@@ -212,8 +264,9 @@ class VMamba(Backbone):
         """The SSM's A and D, kept out of weight decay officially."""
         return {n for n, _ in self.named_parameters() if n.endswith((".A_logs", ".Ds"))}
 
-    def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.patch_embed(x)
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's output before its downsampling (no ``outnorm``)."""
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))  # channels-last throughout
         levels = []
         for stage in self.layers:
             x = stage.blocks(x)
@@ -221,9 +274,15 @@ class VMamba(Backbone):
             x = stage.downsample(x)
         return levels
 
+    def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        levels = self.stage_outputs(x)
+        if self.out_norm:
+            levels = [getattr(self, f"outnorm{i}")(y) for i, y in enumerate(levels)]
+        return levels
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input_size(x.shape[-2], x.shape[-1])
-        return self.classifier.norm(self.forward_levels(x)[-1]).mean((2, 3))
+        return self.classifier.norm(self.stage_outputs(x)[-1]).mean((2, 3))
 
     def get_classifier(self) -> nn.Module:
         if not self.num_classes:
@@ -241,8 +300,23 @@ _OFFICIAL_RENAMES = (
 )
 
 
+_OUTNORM = re.compile(r"^outnorm\d+\.")
+
+
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VMamba) -> dict[str, torch.Tensor]:
-    """Official MzeroMiko/VMamba keys -> this model's: index-named Sequentials become named modules."""
+    """Official MzeroMiko/VMamba keys -> this model's: index-named Sequentials become named modules.
+
+    Between the classification layout and the detection/segmentation one (``outnorm{i}``, no
+    classifier), what one side lacks keeps the model's initialization, as the official code does
+    when it starts a dense backbone from a classification checkpoint: fresh ``outnorm`` levels for
+    a classification checkpoint, the classifier norm for a dense one. A dense checkpoint into a
+    model without ``out_norm`` is refused: its levels would miss their norms.
+    """
+    dense = any(_OUTNORM.match(k) for k in state_dict)
+    if dense and not model.out_norm:
+        raise ValueError("this is an official VMamba detection/segmentation checkpoint: its levels are normalized "
+                         "by outnorm0-3, which the model lacks; build it with out_norm=True "
+                         "(create_backbone(..., out_norm=True), or +backbone.out_norm=true from Hydra)")
     out = {}
     for k, v in state_dict.items():
         if k.startswith("classifier.head.") and not model.num_classes:
@@ -250,21 +324,26 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VMamba) -> 
         for pattern, repl in _OFFICIAL_RENAMES:
             k = re.sub(pattern, repl, k)
         out[k] = v
+    own = model.state_dict()
+    fill = _OUTNORM if not dense else re.compile(r"^classifier\.norm\.")
+    out.update({k: v for k, v in own.items() if fill.match(k) and k not in out})
     return out
 
 
 def _create_vmamba(variant: str, **kwargs: Any) -> VMamba:
     model = VMamba(**kwargs)
-    model.pretrained_cfg.update(url=_URLS.get(variant))
+    model.pretrained_cfg.update(url=_URLS.get(variant), tag="in1k" if variant in _URLS else None)
     return model
 
 
-# ImageNet-1k releases of the v2 models (github.com/MzeroMiko/VMamba, release #20240316).
-_RELEASE = "https://github.com/MzeroMiko/VMamba/releases/download/%2320240316/"
+# ImageNet-1k releases of the v2 models (github.com/MzeroMiko/VMamba): the current ones in the
+# #v2cls release (README "Classification on ImageNet-1K"), the s2l5 tiny in #20240316.
+_RELEASE = "https://github.com/MzeroMiko/VMamba/releases/download/"
 _URLS = {
-    "vmamba_tiny": _RELEASE + "vssm_tiny_0230_ckpt_epoch_262.pth",
-    "vmamba_small": _RELEASE + "vssm_small_0229_ckpt_epoch_222.pth",
-    "vmamba_base": _RELEASE + "vssm_base_0229_ckpt_epoch_237.pth",
+    "vmamba_tiny": _RELEASE + "%2320240316/vssm_tiny_0230_ckpt_epoch_262.pth",
+    "vmamba_tiny_s1l8": _RELEASE + "%23v2cls/vssm1_tiny_0230s_ckpt_epoch_264.pth",
+    "vmamba_small": _RELEASE + "%23v2cls/vssm_small_0229_ckpt_epoch_222.pth",
+    "vmamba_base": _RELEASE + "%23v2cls/vssm_base_0229_ckpt_epoch_237.pth",
 }
 
 
@@ -276,6 +355,11 @@ def vmamba_test(**kw: Any) -> VMamba:
 @register_backbone(family="state-space")
 def vmamba_tiny(**kw: Any) -> VMamba:
     return _create_vmamba("vmamba_tiny", **{"depths": (2, 2, 5, 2), "dims": 96, **kw})
+
+
+@register_backbone(family="state-space")
+def vmamba_tiny_s1l8(**kw: Any) -> VMamba:
+    return _create_vmamba("vmamba_tiny_s1l8", **{"depths": (2, 2, 8, 2), "dims": 96, "ssm_ratio": 1.0, **kw})
 
 
 @register_backbone(family="state-space")

@@ -89,7 +89,7 @@ def test_list_backbones_wildcards_and_families() -> None:
 def test_unknown_backbone_lists_close_names() -> None:
     with pytest.raises(ValueError, match="convnext_tiny"):
         create_backbone("convnxt_tiny")
-    with pytest.raises(ValueError, match="closest timm names: resnet50"):
+    with pytest.raises(ValueError, match="closest timm names: timm/resnet50"):
         create_backbone("timm/resnet5O")
 
 

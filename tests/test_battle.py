@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,8 +16,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 import train as train_script
-from arena.battle import resumable_checkpoint, run_cell
-from arena.records import RECORD_NAME, config_hash, make_record, read_record, write_record
+from arena.battle import LOCK_NAME, BattleLock, check_battle_name, resumable_checkpoint, run_cell
+from arena.records import RECORD_NAME, config_hash, make_record, read_record, scan_records, write_record
 from backbones import FAMILIES, backbone_entry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,11 +65,12 @@ def test_changed_config_or_torn_record_is_redone(make_cfg, tmp_path: Path) -> No
     fake = FakeTrain()
     run_cell(make_cfg("backbone=convnext_test"), tmp_path / "a", [], fake)
     run_cell(make_cfg("backbone=convnext_test", "trainer.max_epochs=5"), tmp_path / "a", [], fake)  # other hash
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / RECORD_NAME).write_text('{"status": "compl')  # a torn record is not a result
-    run_cell(make_cfg("backbone=convnext_test"), tmp_path / "b", [], fake)
-    assert len(fake.ran) == 3
-    assert read_record(tmp_path / "b")["status"] == "complete"
+    for cell, text in (("b", '{"status": "compl'), ("c", "null"), ("d", "42")):  # torn or not a record: redone
+        (tmp_path / cell).mkdir()
+        (tmp_path / cell / RECORD_NAME).write_text(text)
+        run_cell(make_cfg("backbone=convnext_test"), tmp_path / cell, [], fake)
+        assert read_record(tmp_path / cell)["status"] == "complete"
+    assert len(fake.ran) == 5
 
 
 def test_resume_only_from_a_checkpoint_of_the_same_config(make_cfg, tmp_path: Path) -> None:
@@ -96,11 +101,11 @@ def test_each_cell_is_its_own_wandb_run_in_the_battle_group(make_cfg, tmp_path: 
         assert any(b"battle-default" in p.read_bytes() for p in r[0].glob("*.wandb"))  # the run's group
 
 
-def _multirun(log_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``python train.py -m experiment=battle_test ...`` in this process."""
-    monkeypatch.setattr(sys, "argv", ["train.py", "-m", f"--config-path={ROOT / 'conf'}", "experiment=battle_test", "logger=csv", "~logger.wandb",
-                                      f"paths.log_dir={log_dir}", "trainer.accelerator=cpu",
-                                      "backbone=convnext_test", "task=classification", "seed=0,1,2"])
+def _multirun(log_dir: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> None:
+    """``python train.py -m experiment=battle_test ...`` in this process (``overrides`` replace the default grid)."""
+    grid = overrides or ("backbone=convnext_test", "task=classification", "seed=0,1,2")
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m", f"--config-path={ROOT / 'conf'}", "experiment=battle_test",
+                                      "logger=csv", f"paths.log_dir={log_dir}", "trainer.accelerator=cpu", *grid])
     GlobalHydra.instance().clear()
     try:
         train_script.main()
@@ -118,7 +123,7 @@ def test_killed_battle_reruns_only_unfinished_cells(tmp_path: Path, monkeypatch:
     assert all((d / "checkpoints" / "last.ckpt").exists() for d in cells.values())
     bench = (battle / "bench.csv").read_text()  # the efficiency columns, measured once
     board = pd.read_csv(battle / "leaderboard" / "leaderboard.csv")
-    assert board.loc[0, "backbone"] == "convnext_test" and board.loc[0, "infer_samples_per_sec"] > 0
+    assert board.loc[0, "entry"] == "convnext_test" and board.loc[0, "infer_samples_per_sec"] > 0
 
     (cells[1] / RECORD_NAME).unlink()  # killed after its checkpoint, before its record
     failed = json.loads(first[2]) | {"status": "failed", "error": "RuntimeError: killed", "metrics": {}}
@@ -167,7 +172,7 @@ def test_cells_run_as_separate_processes_through_submitits_local_launcher(tmp_pa
 
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=battle_test", "hydra/launcher=local",
            "backbone=convnext_test", "task=classification", "seed=0,1", f"paths.log_dir={tmp_path}", "logger=csv",
-           "~logger.wandb", "trainer.accelerator=cpu"]
+           "trainer.accelerator=cpu"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     battle = tmp_path / "battles" / "test"
@@ -176,3 +181,117 @@ def test_cells_run_as_separate_processes_through_submitits_local_launcher(tmp_pa
     assert [r["status"] for r in records] == ["complete", "complete"] and records[0]["seed"] == 0
     assert len(list((battle / ".submitit").glob("*/*_result.pkl"))) == 2  # two submitit jobs ran them
     assert (battle / "leaderboard" / "leaderboard.csv").stat().st_size > 0
+
+
+def _hold_lock(battle: Path, pid: int, host: str | None = None) -> None:
+    battle.mkdir(parents=True, exist_ok=True)
+    (battle / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(),
+                                                "started": "2026-11-30T10:00:00+00:00",
+                                                "command": "train.py -m experiment=battle"}))
+
+
+def test_battle_directory_is_locked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    lock = BattleLock(tmp_path)
+    lock.acquire()
+    held = json.loads((tmp_path / LOCK_NAME).read_text())
+    assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
+    lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+    battle = tmp_path / "battles" / "test"
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    _hold_lock(battle, gone.pid)  # the battle that held it was killed: a stale lock
+    with caplog.at_level(logging.WARNING, logger="arena.battle"):
+        lock = BattleLock(battle)
+        lock.acquire()
+    assert f"taking over the stale battle lock {battle / LOCK_NAME} (pid {gone.pid}" in caplog.text
+    assert json.loads((battle / LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+
+    _hold_lock(battle, os.getppid())  # a live process on this host: a battle runs there
+    with pytest.raises(RuntimeError, match=rf"another battle runs in .*pid {os.getppid()} on host"):
+        BattleLock(battle).acquire()
+    with pytest.raises(SystemExit, match="battle not started: another battle runs in"):
+        _multirun(tmp_path, monkeypatch, "backbone=convnext_test", "task=classification")
+    assert not list(battle.rglob(RECORD_NAME)) and json.loads((battle / LOCK_NAME).read_text())["pid"] == os.getppid()
+    _hold_lock(battle, os.getppid(), host="elsewhere")  # another host's pid cannot be checked: refused too
+    with pytest.raises(RuntimeError, match="on host elsewhere"):
+        BattleLock(battle).acquire()
+
+
+def test_battle_name_and_cells_cannot_leave_the_battle_directory(make_cfg, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    for bad in ("../x", "..", "a/b", ".hidden", "", "x y"):
+        with pytest.raises(ValueError, match="is not a plain folder name"):
+            check_battle_name(bad)
+    assert check_battle_name("seeds3.v2-x_1") == "seeds3.v2-x_1"
+    logs = tmp_path / "logs"
+    with pytest.raises(SystemExit, match=r"battle.name='../x' is not a plain folder name"):
+        _multirun(logs, monkeypatch, "battle.name=../x", "backbone=convnext_test", "task=classification")
+    assert not (logs / "x").exists() and not list(tmp_path.rglob(RECORD_NAME))
+    fake = FakeTrain()
+    battle = tmp_path / "battle"
+    with pytest.raises(ValueError, match="outside the battle directory"):
+        run_cell(make_cfg("backbone=convnext_test"), battle / "classification" / ".." / ".." / "x", [], fake,
+                 root=battle)
+    assert fake.ran == [] and not (tmp_path / "x").exists()
+
+
+def test_failed_cell_makes_the_battle_exit_non_zero_after_its_leaderboard(tmp_path: Path) -> None:
+    """``experiment=battle`` on an ImageFolder: classification completes; detection, which an ImageFolder cannot
+    serve, fails; the process exits 1 naming the failed cell, with the leaderboard written."""
+    from test_train import _write_imagefolder
+
+    root = _write_imagefolder(tmp_path / "flowers")
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=battle_test", "backbone=convnext_test",
+           "task=classification,detection", "data=imagefolder", f"data.root={root}", "data.image_size=32",
+           "data.num_workers=0", f"paths.log_dir={tmp_path / 'logs'}", "logger=csv", "trainer.accelerator=cpu",
+           "hydra.callbacks.battle.bench_sizes=[]"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    battle = tmp_path / "logs" / "battles" / "test"
+    records = {r["task"]: r for r in scan_records(battle).records}
+    assert records["classification"]["status"] == "complete" and records["detection"]["status"] == "failed"
+    first_line = records["detection"]["error"].splitlines()[0]
+    assert f"cell {records['detection']['run_dir']} failed: {first_line}" in done.stderr
+    assert "1 problem(s)" in done.stderr
+    assert "convnext_test" in (battle / "leaderboard" / "leaderboard.csv").read_text()
+    assert not (battle / LOCK_NAME).exists()
+
+
+def _voc(root: Path) -> list[str]:
+    from test_detection import _write_voc
+
+    _write_voc(root)
+    return ["data=voc", "task=detection", "data.scales=[1.0]", "data.batch_size=2"]
+
+
+def _coco(root: Path) -> list[str]:
+    from test_detection import _write_coco
+
+    _write_coco(root)
+    split = "{ann_file: ann.json, images: images}"
+    return ["data=coco", "task=detection", f"data.train={split}", f"data.val={split}", "data.scales=[1.0]",
+            "data.batch_size=2"]
+
+
+def _masks(root: Path) -> list[str]:
+    from test_segmentation import CLASSES, _write_folders
+
+    _write_folders(root)
+    return ["data=masks", "task=segmentation", "task.head=mlp", f"data.class_names=[{','.join(CLASSES)}]",
+            "data.base_size=[40,48]", "data.batch_size=2"]
+
+
+@pytest.mark.parametrize("write", [_voc, _coco, _masks], ids=["voc", "coco", "masks"])
+def test_battle_on_real_data_formats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write) -> None:
+    data = write(tmp_path / "data")
+    _multirun(tmp_path / "logs", monkeypatch, "backbone=convnext_test", "seed=0", f"data.root={tmp_path / 'data'}",
+              "data.image_size=64", "data.num_workers=0", "hydra.callbacks.battle.bench_sizes=[]", *data)
+    battle = tmp_path / "logs" / "battles" / "test"
+    scan = scan_records(battle)
+    assert not scan.unreadable and [r["status"] for r in scan.records] == ["complete"]
+    assert Path(scan.records[0]["run_dir"]).resolve().is_relative_to(battle.resolve())
+    board = pd.read_csv(battle / "leaderboard" / "leaderboard.csv")
+    assert board["entry"].tolist() == ["convnext_test"] and board.loc[0, "coverage"] == "1/1"

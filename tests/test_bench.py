@@ -111,3 +111,32 @@ def test_bench_cli_writes_csv(tmp_path: Path) -> None:
     assert rc == 0 and list(df.columns) == list(COLUMNS)
     assert df["infer_samples_per_sec"].iloc[0] > 0 and df["train_samples_per_sec"].isna().all()
     assert df["precision"].iloc[0] == "bf16" and bool(df["channels_last"].iloc[0])
+
+
+@pytest.mark.parametrize("name", ["unireplknet_test", "fastvit_test"])
+def test_bench_times_inference_in_the_deploy_form(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As timm's ``benchmark.py --reparam``: the deploy form is counted and timed; training stays in train form."""
+    model = create_backbone(name).eval()
+    train_flops = count_flops(model, 32)
+    with torch.no_grad():
+        model.reparameterize()
+    deploy_flops = count_flops(model, 32)
+    assert deploy_flops < train_flops
+
+    cls, calls = type(model), []
+    original = cls.reparameterize
+
+    def spy(self: nn.Module) -> None:
+        calls.append(next(self.parameters()).device.type)
+        original(self)
+
+    monkeypatch.setattr(cls, "reparameterize", spy)
+    row = run_bench([name], [32], FAST).iloc[0]
+    assert row.infer_form == "deploy" and calls == ["meta", "cpu"]  # the FLOPs count, then the timed copy
+    assert row.infer_gmacs == pytest.approx(deploy_flops / 2e9, abs=1e-4) and row.train_samples_per_sec > 0
+    calls.clear()
+    row = run_bench([name], [32], BenchSettings(batch_size=2, warmup=1, blocks=3, block_time=0.01, train=False,
+                                                reparam=False)).iloc[0]
+    assert row.infer_form == "train" and not calls
+    assert row.infer_gmacs == pytest.approx(train_flops / 2e9, abs=1e-4)
+    assert run_bench(["convnext_test"], [32], FAST)["infer_form"].iloc[0] == "train"  # nothing to reparameterize

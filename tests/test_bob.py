@@ -72,7 +72,7 @@ def _z(values: list[float]) -> np.ndarray:
 
 def test_bob_aggregation_over_five_task_types() -> None:
     board = build_leaderboard(bob_records())
-    t = board.table.set_index("backbone")
+    t = board.table.set_index("entry")
     # by hand: z per setting over x, y, z; the mean within each task type; the mean over the five types
     types = {
         "classification": [_z([0.9, 0.7, 0.5]), _z([0.6, 0.7, 0.2])],  # fine-tune and kNN
@@ -97,9 +97,9 @@ def test_an_ood_set_one_backbone_lacks_is_listed_missing() -> None:
     records[0]["metrics"].pop("ood/sketch/acc1")  # x's fine-tuned classification without its OOD set
     board = build_leaderboard(records)
     missing = board.missing
-    assert missing[["backbone", "task", "dataset", "mode", "metric"]].values.tolist() == [
+    assert missing[["entry", "task", "dataset", "mode", "metric"]].values.tolist() == [
         ["x", "ood", "shapes>sketch", "fine_tune", "acc1"]]
-    t = board.table.set_index("backbone")
+    t = board.table.set_index("entry")
     assert t.loc["x", "coverage"] == "7/8" and pd.isna(t.loc["x", "rank"])
     assert t.loc["x", "score_ood"] == pytest.approx(_z([0.2, 0.4, 0.3])[0])  # the OOD setting it has
 

@@ -68,8 +68,9 @@ def _official_extractor(prefix: str) -> dict[str, tuple[int, ...]]:
             **_official_cffn(prefix)}
 
 
-def _official_vit_comer_keys() -> dict[str, tuple[int, ...]]:
-    """Key names and shapes of Traffic-X/ViT-CoMer (segmentation ViTCoMer + comer_modules + base/vit.py)."""
+def _official_vit_comer_keys(mrfp: int = MRFP, cnn_feature_interaction: bool = True) -> dict[str, tuple[int, ...]]:
+    """Key names and shapes of Traffic-X/ViT-CoMer (ViTCoMer + comer_modules + base/vit.py): the
+    segmentation layout by default; its detection layout has ``mrfp=D // 2`` and no ``cfinter``."""
     keys = {**_conv("patch_embed.proj", 3, D, 16), "pos_embed": (1, 1 + 16, D), "level_embed": (3, D)}
     for i in range(DEPTH):
         b = f"blocks.{i}"
@@ -90,15 +91,17 @@ def _official_vit_comer_keys() -> dict[str, tuple[int, ...]]:
                      **_official_deform(f"{it}.cti_tov.attn"), f"{it}.cti_tov.gamma": (D,),
                      **_official_cffn(f"{it}.cti_tov"),
                      **_ln(f"{it}.cti_toc.query_norm", D), **_ln(f"{it}.cti_toc.feat_norm", D),
-                     **_official_extractor(f"{it}.cti_toc.cfinter"),
-                     **_linear(f"{it}.mrfp.fc1", D, MRFP), **_linear(f"{it}.mrfp.fc2", MRFP, D)})
+                     **_linear(f"{it}.mrfp.fc1", D, mrfp), **_linear(f"{it}.mrfp.fc2", mrfp, D)})
+        if cnn_feature_interaction:
+            keys.update(_official_extractor(f"{it}.cti_toc.cfinter"))
         for j, k in ((1, 3), (2, 5), (3, 3), (4, 5), (5, 3), (6, 5)):
-            keys.update(_conv(f"{it}.mrfp.dwconv.dwconv{j}", MRFP // 2, MRFP // 2, k, MRFP // 2))
+            keys.update(_conv(f"{it}.mrfp.dwconv.dwconv{j}", mrfp // 2, mrfp // 2, k, mrfp // 2))
         for j in (1, 2, 3):
-            keys.update(_bn(f"{it}.mrfp.dwconv.bn{j}", MRFP))
+            keys.update(_bn(f"{it}.mrfp.dwconv.bn{j}", mrfp))
     extra = "interactions.3.extra_CTIs.0"
-    keys.update({**_ln(f"{extra}.query_norm", D), **_ln(f"{extra}.feat_norm", D), **_official_cffn(extra),
-                 **_official_extractor(f"{extra}.cfinter")})
+    keys.update({**_ln(f"{extra}.query_norm", D), **_ln(f"{extra}.feat_norm", D), **_official_cffn(extra)})
+    if cnn_feature_interaction:
+        keys.update(_official_extractor(f"{extra}.cfinter"))
     keys.update({"up.weight": (D, D, 2, 2), "up.bias": (D,)})
     for i in range(1, 5):
         keys.update(_bn(f"norm{i}", D))
@@ -118,6 +121,41 @@ def test_vit_comer_official_segmentor_checkpoint_loads_strictly():
     torch.testing.assert_close(sd["blocks.2.ls2.gamma"], official["blocks.2.gamma2"])
     torch.testing.assert_close(sd["interactions.3.extra_CTIs.0.cfinter.attn.value_proj.weight"],
                                official["interactions.3.extra_CTIs.0.cfinter.attn.value_proj.weight"])
+
+
+def test_vit_comer_official_detector_checkpoint_loads_strictly_and_matches(tmp_path):
+    """The COCO detection layout (MRFP hidden 0.5 x dim, no CNN-token interaction) as mmdet saves it:
+    a model written out in that layout and loaded back computes exactly what it computed."""
+    import re
+
+    from backbones._weights import load_pretrained
+
+    det = dict(mrfp_ratio=0.5, cnn_feature_interaction=False)  # what vit_comer_*_det set
+    source = create_backbone("vit_comer_test", **det).eval()
+    official = {re.sub(r"\.ls([12])\.gamma$", r".gamma\1", k): v for k, v in source.state_dict().items()}
+    official["pos_embed"] = torch.cat([torch.zeros(1, 1, D), official["pos_embed"]], 1)  # the class-token slot
+    assert {k: tuple(v.shape) for k, v in official.items()} == _official_vit_comer_keys(
+        mrfp=D // 2, cnn_feature_interaction=False)
+    path = tmp_path / "mask_rcnn_comer.pth"
+    torch.save({"meta": {"epoch": 12}, "state_dict": {**{f"backbone.{k}": v for k, v in official.items()},
+                                                      "rpn_head.rpn_cls.bias": torch.zeros(3)}}, path)
+    model = create_backbone("vit_comer_test", **det).eval()
+    report = load_pretrained(model, str(path))
+    assert report.ok and report.loaded == report.total
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(model(x), source(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="does not fit"):  # the segmentation layout refuses it
+        load_pretrained(create_backbone("vit_comer_test"), str(path))
+
+
+@pytest.mark.parametrize("name,dim", [("vit_comer_tiny_det", 192), ("vit_comer_small_det", 384)])
+def test_vit_comer_detection_variants_have_the_official_detector_layout(name, dim):
+    with torch.device("meta"):
+        sd = create_backbone(name).state_dict()
+    assert sd["interactions.0.mrfp.fc1.weight"].shape == (dim // 2, dim)
+    assert not any(".cfinter." in k for k in sd)
 
 
 def test_vit_comer_loads_a_plain_timm_vit_into_its_vit_part():
@@ -199,6 +237,25 @@ def test_glnet_official_checkpoint_loads_strictly(layerscale):
     torch.testing.assert_close(with_head.get_classifier().weight, official["head.weight"])
     with pytest.raises(ValueError, match="num_classes=N"):
         headless.get_classifier()
+
+
+def test_glnet_16g_takes_the_ema_weights_of_an_official_checkpoint(tmp_path):
+    """GLNet-16g's release is evaluated with its EMA; the other sizes with the plain weights."""
+    from backbones._weights import load_pretrained
+
+    plain, ema = create_backbone("glnet_test").state_dict(), create_backbone("glnet_test").state_dict()
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in ema.items()}
+    path = tmp_path / "glnet.pth"
+    torch.save({"model": plain, "model_ema": ema}, path)
+    model = create_backbone("glnet_test")
+    load_pretrained(model, str(path))
+    torch.testing.assert_close(model.state_dict()["norm.weight"], plain["norm.weight"])
+    with torch.device("meta"):
+        assert create_backbone("glnet_16g").pretrained_cfg["state_dict_key"] == "model_ema"
+        assert "state_dict_key" not in create_backbone("glnet_4g").pretrained_cfg
+    model.pretrained_cfg["state_dict_key"] = "model_ema"  # as glnet_16g has it
+    load_pretrained(model, str(path))
+    torch.testing.assert_close(model.state_dict()["norm.weight"], ema["norm.weight"])
 
 
 def test_glnet_4g_official_layout_on_meta():

@@ -9,6 +9,7 @@ import torch
 from arena.bench import count_flops, count_params
 from backbones import create_backbone, vim, vmamba
 from backbones.ops import scan_cpu
+from backbones.ops.selective_scan import selective_scan_ref
 from backbones.vim import resize_mid_cls_pos_embed
 
 
@@ -76,6 +77,7 @@ FULL_LAYOUTS = [
     ("vim_small", lambda nc: official_vim_layout(384, 24, num_classes=nc)),
     ("vim_base", lambda nc: official_vim_layout(768, 24, num_classes=nc)),
     ("vmamba_tiny", lambda nc: official_vmamba_layout(96, (2, 2, 5, 2), num_classes=nc)),
+    ("vmamba_tiny_s1l8", lambda nc: official_vmamba_layout(96, (2, 2, 8, 2), ssm_ratio=1.0, num_classes=nc)),
     ("vmamba_small", lambda nc: official_vmamba_layout(96, (2, 2, 15, 2), num_classes=nc)),
     ("vmamba_base", lambda nc: official_vmamba_layout(128, (2, 2, 15, 2), num_classes=nc)),
 ]
@@ -115,6 +117,64 @@ def test_official_state_dict_loads_strictly(name, layout, module, tmp_path):
     torch.save({"model_ema": state, "epoch": 300}, path)
     report = load_pretrained(create_backbone(name), str(path))
     assert report.ok
+
+
+def _to_official_vmamba(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This model's keys written back in the official layout (the inverse of the family's renames)."""
+    renames = (("patch_embed.conv1.", "patch_embed.0."), ("patch_embed.norm1.", "patch_embed.2."),
+               ("patch_embed.conv2.", "patch_embed.5."), ("patch_embed.norm2.", "patch_embed.7."),
+               (".downsample.conv.", ".downsample.1."), (".downsample.norm.", ".downsample.3."))
+    out = {}
+    for k, v in state.items():
+        for ours, theirs in renames:
+            k = k.replace(ours, theirs)
+        out[k] = v
+    return out
+
+
+def test_vmamba_official_dense_checkpoint_loads_strictly_and_matches(tmp_path):
+    """mmdet/mmseg's Backbone_VSSM: outnorm0-3 on every level, no classifier, under ``backbone.``."""
+    from backbones._weights import load_pretrained
+
+    source = create_backbone("vmamba_test", out_norm=True).eval()
+    with torch.no_grad():
+        for i in range(4):  # trained norms, so that a model without them computes something else
+            getattr(source, f"outnorm{i}").weight.normal_(1, 0.5)
+            getattr(source, f"outnorm{i}").bias.normal_(0, 0.5)
+    official = {k: v for k, v in _to_official_vmamba(source.state_dict()).items() if not k.startswith("classifier.")}
+    layout = {k: s for k, s in official_vmamba_layout(16, (1, 1, 1, 1)).items() if not k.startswith("classifier.")}
+    layout.update({f"outnorm{i}.{p}": (16 * 2 ** i,) for i in range(4) for p in ("weight", "bias")})
+    assert {k: tuple(v.shape) for k, v in official.items()} == layout
+    path = tmp_path / "upernet_vssm.pth"
+    torch.save({"meta": {}, "state_dict": {**{f"backbone.{k}": v for k, v in official.items()},
+                                           "decode_head.conv_seg.bias": torch.zeros(150)}}, path)
+
+    model = create_backbone("vmamba_test", out_norm=True).eval()
+    report = load_pretrained(model, str(path))
+    assert report.ok
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(model(x), source(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out_norm=True"):
+        load_pretrained(create_backbone("vmamba_test"), str(path))
+
+
+def test_vmamba_classification_checkpoint_starts_a_dense_backbone(tmp_path):
+    """As the official dense backbones start: the classification weights, fresh (identity) outnorms."""
+    from backbones._weights import load_pretrained
+
+    source = create_backbone("vmamba_test", num_classes=1000).eval()
+    path = tmp_path / "vssm.pth"
+    torch.save({"model": _to_official_vmamba(source.state_dict())}, path)
+    model = create_backbone("vmamba_test", out_norm=True).eval()
+    assert load_pretrained(model, str(path)).ok
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        levels = source.stage_outputs(x)
+        for i, (a, b) in enumerate(zip(model(x), levels)):
+            torch.testing.assert_close(a, getattr(model, f"outnorm{i}")(b), rtol=0, atol=0)
+        torch.testing.assert_close(model.embed(x), source.embed(x), rtol=0, atol=0)
 
 
 def test_vim_checkpoint_at_another_resolution_is_resized():
@@ -241,15 +301,51 @@ def test_depthwise_conv_tokens_matches_conv1d_and_counts_its_flops():
 
 
 def test_vmamba_cross_scan_routes():
-    x = torch.arange(6.0).view(1, 1, 2, 3)
-    routes = vmamba.cross_scan(x)[0, :, 0]
+    x = torch.arange(6.0).view(1, 2, 3, 1, 1).expand(1, 2, 3, 4, 1)  # a 2 x 3 map shared by the four routes
+    routes = vmamba.cross_scan(x)[0, :, :, 0].t()
     assert routes.tolist() == [[0, 1, 2, 3, 4, 5], [0, 3, 1, 4, 2, 5], [5, 4, 3, 2, 1, 0], [5, 2, 4, 1, 3, 0]]
-    assert torch.equal(vmamba.cross_merge(vmamba.cross_scan(x), 2, 3), 4 * x)
+    assert torch.equal(vmamba.cross_merge(vmamba.cross_scan(x), 2, 3), 4 * x[:, :, :, 0])
+    per_route = torch.arange(24.0).view(1, 2, 3, 4, 1)  # route k reads its own channel slice
+    assert vmamba.cross_scan(per_route)[0, :, 1, 0].tolist() == [1, 13, 5, 17, 9, 21]
+
+
+def official_ss2d(op: vmamba.SS2D, x: torch.Tensor) -> torch.Tensor:
+    """SS2D as the official ``v05_noz`` forward computes it, channels-first: the four routes stacked as
+    [B, 4, D, L], per-route x / dt projections by einsum, the sequential reference scan, routes summed."""
+    x = torch.nn.functional.silu(op.conv2d(torch.einsum("bchw,dc->bdhw", x, op.in_proj.weight)))
+    b, d, h, w = x.shape
+    rows, cols = x.flatten(2), x.transpose(2, 3).flatten(2)
+    xs = torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
+    dt, B, C = torch.einsum("bkdl,kcd->bkcl", xs, op.x_proj_weight).split([op.dt_rank, op.d_state, op.d_state], 2)
+    dt = torch.einsum("bkrl,kdr->bkdl", dt, op.dt_projs_weight)
+    ys = selective_scan_ref(xs.flatten(1, 2), dt.flatten(1, 2), -torch.exp(op.A_logs), B, C, op.Ds,
+                            delta_bias=op.dt_projs_bias.flatten(), delta_softplus=True).view(b, 4, d, h * w)
+    rows, cols = ys[:, 0] + ys[:, 2].flip(-1), ys[:, 1] + ys[:, 3].flip(-1)
+    y = rows.view(b, d, h, w) + cols.view(b, d, w, h).transpose(2, 3)
+    y = torch.nn.functional.layer_norm(y.permute(0, 2, 3, 1), (d,), op.out_norm.weight, op.out_norm.bias)
+    return torch.einsum("bhwd,cd->bchw", y, op.out_proj.weight)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_vmamba_ss2d_matches_the_official_formulation(channels_last):
+    torch.manual_seed(0)
+    op = vmamba.SS2D(16, d_state=2)
+    x = torch.randn(2, 16, 5, 7)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    xr = x.detach().clone().requires_grad_(True)
+    x.requires_grad_(True)
+    y, y_ref = op(x), official_ss2d(op, xr)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *op.parameters()], g)
+    grads_ref = torch.autograd.grad(y_ref, [xr, *op.parameters()], g)
+    for a, r in zip(grads, grads_ref):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,params_m,tolerance", [
     ("vim_tiny", 7, 0.025), ("vim_small", 26, 0.02), ("vim_base", 98, 0.02),
-    ("vmamba_tiny", 30, 0.025), ("vmamba_small", 50, 0.02), ("vmamba_base", 89, 0.02),
+    ("vmamba_tiny", 30, 0.025), ("vmamba_tiny_s1l8", 30, 0.025), ("vmamba_small", 50, 0.02), ("vmamba_base", 89, 0.02),
 ])
 def test_parameter_counts_match_the_papers(name, params_m, tolerance):
     """Papers count the 1000-class head; they round (Vim-Ti 7.15M -> "7M", VMamba-T 30.7M -> "30M")."""

@@ -114,7 +114,7 @@ def test_unknown_config_options_fail_at_composition(make_cfg) -> None:
 def test_cli_unknown_backbone_names_close_matches() -> None:
     from arena.config import check_backbone_override
 
-    with pytest.raises(SystemExit, match="closest: convnext_tiny"):
+    with pytest.raises(SystemExit, match="closest registered names: convnext_tiny"):
         check_backbone_override(["backbone=convnxt_tiny"])
     with pytest.raises(SystemExit, match="timm/resnet50"):
         check_backbone_override(["backbone=timm/resnet5"])

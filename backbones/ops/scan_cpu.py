@@ -83,12 +83,18 @@ def _load() -> ctypes.CDLL | None:
     return lib
 
 
-def kernel() -> ctypes.CDLL | None:
-    """The compiled kernel, or None when it cannot be built or ``ARENA_SCAN_KERNEL=torch`` asks for PyTorch."""
+def kernel_choice() -> str:
+    """``ARENA_SCAN_KERNEL``: 'auto' (the fused kernel for the device), 'torch' (pure PyTorch) or 'triton'."""
     choice = os.environ.get("ARENA_SCAN_KERNEL", "auto")
-    if choice not in ("auto", "torch"):
-        raise ValueError(f"ARENA_SCAN_KERNEL must be 'auto' (fused CPU kernel when it builds) or 'torch', got {choice!r}")
-    return None if choice == "torch" else _load()
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"ARENA_SCAN_KERNEL must be 'auto' (fused kernel: C on CPU when it builds, Triton on CUDA), "
+                         f"'torch' (pure PyTorch) or 'triton', got {choice!r}")
+    return choice
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The compiled kernel, or None when it cannot be built or ``ARENA_SCAN_KERNEL`` asks for another scan."""
+    return _load() if kernel_choice() == "auto" else None
 
 
 def _rows(t: Tensor, inner: int) -> Tensor:

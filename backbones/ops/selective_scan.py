@@ -12,8 +12,10 @@ delta_bias: [d]``.
 
 ``selective_scan`` needs no CUDA build and runs wherever PyTorch does. On a CPU, forward and
 backward are the fused C kernels of ``scan_cpu`` when they build (``ARENA_SCAN_KERNEL=torch``
-turns them off; d_state above ``scan_cpu.MAX_STATE`` does not fit them); elsewhere it is the
-blocked scan below. The sequence is cut into
+turns them off; d_state above ``scan_cpu.MAX_STATE`` does not fit them); on CUDA tensors they
+are the Triton kernels of ``selective_scan_triton`` when triton imports (``torch`` turns them
+off, ``triton`` asks for them on any device Triton runs on); elsewhere it is the blocked scan
+below. The sequence is cut into
 blocks of ``SCAN_BLOCK`` tokens carried one after the other (memory stays bounded at any
 resolution); inside a block, tensors are time-major and cut into chunks of ``SCAN_CHUNK`` tokens
 that are all advanced together, one step at a time, while the state entering each chunk comes
@@ -38,7 +40,9 @@ True
 """
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -210,9 +214,39 @@ def _fused_kernel(u: Tensor, A: Tensor):
     return scan_cpu.kernel() if u.device.type == "cpu" and A.shape[1] <= scan_cpu.MAX_STATE else None
 
 
+@functools.cache
+def _import_triton():
+    """``selective_scan_triton``, or the ImportError that stops it (no triton installed)."""
+    try:
+        from . import selective_scan_triton
+    except ImportError as err:
+        return err
+    return selective_scan_triton
+
+
+def _triton_kernel(u: Tensor):
+    """The Triton kernels' module when they run this scan (``auto`` on CUDA, or ``triton`` asked for), else None."""
+    choice = scan_cpu.kernel_choice()
+    if choice == "torch" or (choice == "auto" and not u.is_cuda):
+        return None
+    module = _import_triton()
+    if isinstance(module, ImportError):
+        if choice == "triton":
+            raise ValueError(f"ARENA_SCAN_KERNEL=triton needs the triton package ({module}): pip install triton, "
+                             "or set ARENA_SCAN_KERNEL=auto or torch")
+        warnings.warn(f"selective scan: no Triton ({module}); using the slower pure-PyTorch scan on CUDA",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    module.check_device(u)
+    return module
+
+
 @torch.library.custom_op("backbone_arena::selective_scan", mutates_args=())
 def _selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                        z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
+    triton_kernel = _triton_kernel(u)
+    if triton_kernel is not None:
+        return triton_kernel.scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     lib = _fused_kernel(u, A)
     if lib is not None:
         return _scan_fused(lib, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
@@ -227,7 +261,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
 def _setup_context(ctx, inputs, output) -> None:
     *tensors, ctx.delta_softplus = inputs
     ctx.present = [t is not None for t in tensors]
-    ctx.lib = _fused_kernel(tensors[0], tensors[2])  # the backward takes the forward's path
+    ctx.triton = _triton_kernel(tensors[0])  # the backward takes the forward's path
+    ctx.lib = None if ctx.triton is not None else _fused_kernel(tensors[0], tensors[2])
     ctx.save_for_backward(*[t for t in tensors if t is not None])
 
 
@@ -248,6 +283,8 @@ def _backward_fused(lib, grad: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: T
 def _backward(ctx, grad: Tensor):
     saved = iter(ctx.saved_tensors)
     tensors = [next(saved) if p else None for p in ctx.present]
+    if ctx.triton is not None:
+        return (*ctx.triton.scan_backward(grad, *tensors, ctx.delta_softplus), None)
     if ctx.lib is not None:
         return (*_backward_fused(ctx.lib, grad, *tensors, ctx.delta_softplus), None)
     wanted = [i for i, t in enumerate(tensors) if t is not None and ctx.needs_input_grad[i]]
