@@ -171,3 +171,23 @@ def test_pretrain_callback_runs_only_for_missing_local_weights(tmp_path: Path, m
     write_json_atomic(tmp_path / "net-shapes" / "metrics.json", {**rec("net", "classification", {}), "status": "complete"})
     callback.on_job_start(job(wanted))
     assert len(calls) == 1  # done once: reused
+
+
+def test_bob_mini_cell_with_shapes_weights_pretrains_them_first(tmp_path: Path) -> None:
+    """One bob_mini cell, shrunk: the callback trains the shapes weights, the cell loads them as entry <arch>.shapes."""
+    import json
+    import subprocess
+    import sys
+
+    small = ["data.num_train=32", "data.num_val=16", "data.num_test=16", "data.batch_size=16", "trainer.max_epochs=1"]
+    pretrain = ",".join(f"'{o}'" for o in ["task=classification", "data=shapes", "logger=csv", *small])
+    cell = tmp_path / "cell"
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=bob_mini", "+bob_setting=mini_shapes_ft",
+                    "+weights=shapes", "backbone=convnext_test", f"paths.log_dir={tmp_path}", *small,
+                    f"hydra.callbacks.pretrain.overrides=[{pretrain}]", f"hydra.run.dir={cell}"],
+                   check=True, cwd=ROOT, capture_output=True)
+    pretrained = json.loads((tmp_path / "pretrained" / "convnext_test-shapes" / "metrics.json").read_text())
+    record = json.loads((cell / "metrics.json").read_text())
+    assert pretrained["status"] == record["status"] == "complete"
+    assert record["entry"] == "convnext_test.shapes" and record["weights"].startswith("file:last.ckpt@")
+    assert "ood/sketch/acc1" in record["metrics"]
