@@ -17,17 +17,17 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from arena.config import check_backbone_override, register_configs
-from arena.run import build_run, finish_run, load_checkpoint
+from arena.run import build_run, finish_run, load_checkpoint, run_test, tested_weights
 
 register_configs()
 
 
 def evaluate(cfg: DictConfig, run_dir: str) -> dict:
     """Test ``cfg.ckpt_path`` (when set) with the run's own config and write the record."""
-    state = None
+    state, weights = None, None
     if cfg.get("ckpt_path"):
         ckpt = load_checkpoint(cfg.ckpt_path)
-        state = ckpt["state_dict"]
+        state, weights = ckpt["state_dict"], tested_weights(checkpoint=ckpt)
         trained = [o for o in ckpt.get("arena_overrides") or [] if not o.startswith(("ckpt_path=", "hydra."))]
         here = list(HydraConfig.get().overrides.task)
         cfg = compose(config_name="eval", overrides=trained + here)
@@ -36,10 +36,10 @@ def evaluate(cfg: DictConfig, run_dir: str) -> dict:
     run = build_run(cfg, run_dir)
     if state is not None:
         run.module.load_state_dict(state, strict=True)
-    run.trainer.test(run.module, datamodule=run.datamodule)
+    run_test(run)
     if cfg.get("save_images"):
         run.module.save_pictures(run.datamodule, Path(run_dir) / "pictures", int(cfg.save_images))
-    return finish_run(run, stage="eval", checkpoint=cfg.get("ckpt_path"))
+    return finish_run(run, stage="eval", checkpoint=cfg.get("ckpt_path"), weights=weights)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

@@ -17,18 +17,19 @@ from omegaconf import DictConfig
 
 from arena.battle import run_cell
 from arena.config import check_backbone_override, register_configs
-from arena.run import build_run, finish_run
+from arena.run import build_run, finish_run, run_test
 
 register_configs()
 
 
-def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict:
-    """Fit (unless the task is training-free), test with the final weights, and write the record."""
+def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict | None:
+    """Fit (unless the task is training-free), test with the final weights, and write the record; returns the
+    record (``None`` on DDP ranks > 0)."""
     run = build_run(cfg, run_dir)
     run.module.arena_overrides = list(overrides or [])
     if run.module.trains:
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
-    run.trainer.test(run.module, datamodule=run.datamodule)
+    run_test(run)
     ckpt = Path(run_dir) / "checkpoints" / "last.ckpt"
     return finish_run(run, stage="train", checkpoint=str(ckpt) if ckpt.exists() else None)
 
@@ -41,7 +42,7 @@ def main(cfg: DictConfig) -> float | None:
     else:
         record = train(cfg, hc.runtime.output_dir, list(hc.overrides.task))
     metric = cfg.get("optimized_metric")
-    return record["metrics"].get(metric) if metric else None
+    return record["metrics"].get(metric) if metric and record else None
 
 
 if __name__ == "__main__":

@@ -100,7 +100,8 @@ class BackboneSearchPath(SearchPathPlugin):
 
 
 def register_configs() -> None:
-    """Make the ``backbone`` group and the ``slug``/``entry`` resolvers available to Hydra (idempotent)."""
+    """Make the ``backbone`` group and the ``slug``/``entry``/``dataset_name`` resolvers available to Hydra
+    (idempotent)."""
     plugins = Plugins.instance()
     plugins.register(BackboneConfigSource)
     plugins.register(BackboneSearchPath)
@@ -108,6 +109,10 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("slug", slug)
     if not OmegaConf.has_resolver("entry"):
         OmegaConf.register_new_resolver("entry", lambda backbone: slug(weights_id(backbone).entry))
+    if not OmegaConf.has_resolver("dataset_name"):
+        from arena.data.base import dataset_name
+
+        OmegaConf.register_new_resolver("dataset_name", dataset_name)
 
 
 def weights_id(backbone: Mapping[str, Any]) -> WeightsId:

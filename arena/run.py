@@ -23,6 +23,7 @@ from .bench import count_flops, count_params
 from .config import resolve_data_config
 from .data.base import ArenaDataModule
 from .records import make_record, write_record
+from .scaling import check_launch, resolve_sync_batchnorm, single_test_trainer
 from .tasks.base import TaskModule
 
 
@@ -59,7 +60,9 @@ def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
     module.arena_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(resolve_sync_batchnorm(cfg.trainer), callbacks=callbacks,
+                                     logger=loggers or False)
+    check_launch(trainer)
     return Run(cfg, backbone, datamodule, module, trainer, run_dir)
 
 
@@ -74,13 +77,37 @@ def backbone_costs(backbone: Backbone, image_size: tuple[int, int]) -> tuple[int
     return params, flops
 
 
-def finish_run(run: Run, *, stage: str, checkpoint: str | None = None) -> dict[str, Any]:
-    """Write the run's record from what ``trainer.test`` logged; returns the record."""
+def run_test(run: Run) -> None:
+    """Test the run's module over the whole test set exactly once (under DDP: on rank 0 alone, see ``arena.scaling``)."""
+    trainer = single_test_trainer(run.trainer, run.cfg.trainer)
+    if trainer is not None:
+        trainer.test(run.module, datamodule=run.datamodule)
+
+
+def tested_weights(*, trainer: L.Trainer | None = None, checkpoint: dict[str, Any] | None = None) -> str:
+    """Which weights a test scored: ``"ema"`` when ``trainer`` averages them (an EMA callback) or ``checkpoint``
+    was saved by such a trainer (its ``state_dict`` is then the average), else ``"final"`` (the weights as trained)."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    if checkpoint is not None:
+        return "ema" if "averaging_state" in checkpoint else "final"
+    return "ema" if trainer and any(isinstance(c, EMAWeightAveraging) for c in trainer.callbacks) else "final"
+
+
+def finish_run(run: Run, *, stage: str, checkpoint: str | None = None,
+               weights: str | None = None) -> dict[str, Any] | None:
+    """Write the run's record from what ``run_test`` logged; returns the record (``None`` on DDP ranks > 0).
+
+    ``weights`` names the tested weights (``tested_weights``); by default they follow the trainer's callbacks.
+    """
+    if run.trainer.global_rank != 0:
+        return None
     params, flops = backbone_costs(run.backbone, run.datamodule.image_size)
     record = make_record(stage=stage, status="complete", cfg=run.cfg, family=run.backbone.family,
                          metrics=run.module.test_metrics(), params=params, flops=flops,
                          wall_time_s=time.time() - run.started, run_dir=run.run_dir, checkpoint=checkpoint,
-                         primary_metric=run.module.primary_metric)
+                         primary_metric=run.module.primary_metric,
+                         tested_weights=weights or tested_weights(trainer=run.trainer))
     write_record(run.run_dir, record)
     return record
 

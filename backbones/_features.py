@@ -7,9 +7,10 @@ the width of ``embed(x)``, the model's own pooled image embedding). Heads read
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -67,7 +68,9 @@ class Backbone(nn.Module):
 
     Subclasses set ``self.all_feature_info`` (every level ``forward_levels`` returns) and call
     ``self.set_out_indices``. ``input_multiple`` is what input sides must be divisible by and
-    ``fixed_input_size`` the only size a model takes, when it has one.
+    ``fixed_input_size`` the only size a model takes, when it has one. ``embed_modules`` names
+    the submodules only ``embed`` uses (the pooled head): ``prune_to_features`` drops them;
+    ``feature_modules`` those ``embed`` never uses: ``freeze_feature_modules`` freezes them.
     """
 
     family: str = "baseline"
@@ -76,8 +79,61 @@ class Backbone(nn.Module):
     input_multiple: int = 32
     fixed_input_size: int | None = None
     pretrained_cfg: dict[str, Any]
+    embed_modules: tuple[str, ...] = ()
+    feature_modules: tuple[str, ...] = ()
+    features_only: bool = False  # set by prune_to_features: embed() raises
+    pruned_keys: frozenset[str] = frozenset()  # state-dict keys prune_to_features removed
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "embed" in cls.__dict__:  # every family's embed() refuses to run once the pooled head is gone
+            cls.embed = _refused_when_pruned(cls.__dict__["embed"])
+
+    def prune_to_features(self) -> "Backbone":
+        """Drop every parameter ``forward`` does not use: the pooled head, and layers past the last returned level.
+
+        For tasks that read only feature levels (detection, segmentation): each remaining
+        parameter then gets a gradient from the task's loss, which DistributedDataParallel
+        requires, and the optimiser holds no state or weight decay for unused weights.
+        Afterwards ``embed`` raises and ``out_indices`` are fixed; checkpoints that still hold the
+        dropped tensors load, those tensors being ignored. Returns ``self``.
+
+        >>> from backbones import create_backbone
+        >>> b = create_backbone("convnext_test").prune_to_features()
+        >>> sorted(b.pruned_keys)
+        ['model.head.norm.bias', 'model.head.norm.weight']
+        """
+        if self.features_only:
+            return self
+        before = set(self.state_dict())
+        self._drop_embed_modules()
+        self.pruned_keys = frozenset(before - set(self.state_dict()))
+        self.features_only = True
+        self.register_load_state_dict_pre_hook(_skip_pruned_keys)
+        return self
+
+    def _drop_embed_modules(self) -> None:
+        """Remove what only ``embed`` uses; families list it in ``embed_modules``."""
+        for name in self.embed_modules:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = self.get_submodule(owner_name)
+            if getattr(owner, leaf, None) is not None:
+                setattr(owner, leaf, None)
+
+    def freeze_feature_modules(self) -> "Backbone":
+        """Freeze the submodules ``embed`` never uses, for tasks that read only ``embed``; returns ``self``.
+
+        They get no gradient from such a task (so no update either), and DistributedDataParallel
+        refuses trainable parameters without one.
+        """
+        for name in self.feature_modules:
+            self.get_submodule(name).requires_grad_(False)
+        return self
 
     def set_out_indices(self, out_indices: Sequence[int] | None) -> None:
+        if self.features_only:
+            raise ValueError(f"{type(self).__name__} was pruned to out_indices={self.out_indices} by "
+                             f"prune_to_features(); set out_indices when building it (backbone.out_indices)")
         n = len(self.all_feature_info)
         if out_indices is None:
             out_indices = default_out_indices(self.all_feature_info.strides)
@@ -134,9 +190,32 @@ class Backbone(nn.Module):
         return self.get_classifier()(self.embed(x))
 
 
-def pretrained_cfg_for(input_size: int = 224, **kw: Any) -> dict[str, Any]:
-    """A timm-style ``pretrained_cfg`` so ``timm.data.resolve_data_config`` works on any backbone."""
-    cfg = dict(input_size=(3, input_size, input_size), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+def _refused_when_pruned(embed: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(embed)
+    def guarded(self: Backbone, x: torch.Tensor) -> torch.Tensor:
+        if self.features_only:
+            raise ValueError(
+                f"this backbone ({type(self).__name__}) was built for features only: prune_to_features() removed "
+                f"its pooled head, so embed() is unavailable. Tasks that read embed() (classification) keep it; "
+                f"build the backbone again without pruning to use embed()")
+        return embed(self, x)
+
+    return guarded
+
+
+def _skip_pruned_keys(module: Backbone, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: ignore tensors of modules ``prune_to_features`` removed (older checkpoints)."""
+    for key in module.pruned_keys:
+        state_dict.pop(prefix + key, None)
+
+
+def pretrained_cfg_for(input_size: int | Sequence[int] = 224, **kw: Any) -> dict[str, Any]:
+    """A timm-style ``pretrained_cfg`` so ``timm.data.resolve_data_config`` works on any backbone.
+
+    ``input_size`` is a side length or timm's own ``(C, H, W)``.
+    """
+    size = (3, input_size, input_size) if isinstance(input_size, int) else tuple(int(v) for v in input_size)
+    cfg = dict(input_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                interpolation="bicubic", crop_pct=0.875, num_classes=1000)
     cfg.update(kw)
     return cfg
@@ -205,6 +284,10 @@ class TimmBackbone(Backbone):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input_size(x.shape[-2], x.shape[-1])
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    def _drop_embed_modules(self) -> None:
+        """timm's own pruning: final norm, pooled head and blocks after the last returned level."""
+        self.model.prune_intermediate_layers(list(self.out_indices), prune_norm=True, prune_head=True)
 
     def get_classifier(self) -> nn.Module:
         """timm's own classifier, kept when built with ``num_classes > 0``."""
@@ -284,10 +367,17 @@ class SimpleFeaturePyramid(Backbone):
 
     def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
         (f,) = self.inner(x)
-        return [m(f) for m in self.scales]
+        return [m(f) if i in self.out_indices else None for i, m in enumerate(self.scales)]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner.embed(x)
+
+    def _drop_embed_modules(self) -> None:
+        """The inner model's pooled head, and the scales of levels not returned."""
+        self.inner.prune_to_features()
+        for i in range(len(self.scales)):
+            if i not in self.out_indices:
+                self.scales[i] = nn.Identity()
 
 
 def as_pyramid(backbone: Backbone, strides: Sequence[int] = DENSE_STRIDES) -> Backbone:

@@ -180,6 +180,7 @@ class GLNet(Backbone):
     """
 
     family = "hybrid"
+    embed_modules = ("norm", "head")  # used by embed() only: dropped by prune_to_features()
 
     def __init__(
         self,

@@ -151,6 +151,7 @@ class RepLKNet(Backbone):
     """
 
     family = "large-kernel"
+    embed_modules = ("norm", "head")  # used by embed() only: dropped by prune_to_features()
 
     def __init__(self, *, large_kernel_sizes: Sequence[int], layers: Sequence[int], channels: Sequence[int],
                  small_kernel: int | None = 5, dw_ratio: float = 1.0, ffn_ratio: float = 4.0, in_chans: int = 3,

@@ -192,6 +192,7 @@ class UniRepLKNet(Backbone):
     """
 
     family = "large-kernel"
+    embed_modules = ("norm", "head")  # used by embed() only: dropped by prune_to_features()
 
     def __init__(self, *, depths: Sequence[int], dims: Sequence[int], kernel_sizes: Sequence[Sequence[int]],
                  in_chans: int = 3, num_classes: int = 0, drop_path_rate: float = 0.0,

@@ -189,6 +189,7 @@ class Vim(Backbone):
     """
 
     family = "state-space"
+    embed_modules = ("head",)  # used by embed() only: dropped by prune_to_features()
 
     def __init__(self, *, embed_dim: int, depth: int = 24, d_state: int = 16, expand: int = 2,
                  patch_size: int = 16, img_size: int = 224, in_chans: int = 3, num_classes: int = 0,

@@ -261,6 +261,8 @@ class ViTCoMer(Backbone):
     """
 
     family = "hybrid"
+    embed_modules = ("head",)  # used by embed() only: dropped by prune_to_features()
+    feature_modules = ("spm.fc1", "up", "norm1", "norm2", "norm3")  # unused by embed(): frozen for it
 
     def __init__(
         self,

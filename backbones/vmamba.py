@@ -221,6 +221,7 @@ class VMamba(Backbone):
     """
 
     family = "state-space"
+    embed_modules = ("classifier",)  # used by embed() only: dropped by prune_to_features()
 
     def __init__(self, *, depths: Sequence[int] = (2, 2, 5, 2), dims: int | Sequence[int] = 96, d_state: int = 1,
                  ssm_ratio: float = 2.0, mlp_ratio: float = 4.0, in_chans: int = 3, num_classes: int = 0,

@@ -22,7 +22,7 @@ DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 def test_task_data_pair_fast_dev_run(make_cfg, tmp_path: Path, task: str, data: str) -> None:
     cfg = make_cfg(f"task={task}", f"data={data}", "backbone=convnext_test", "trainer.fast_dev_run=true",
                    "data.batch_size=2")
-    missing = OmegaConf.missing_keys(cfg.data)
+    missing = [k for k in cfg.data if OmegaConf.is_missing(cfg.data, k)]  # unresolved: data.name derives from root
     if missing:
         pytest.skip(f"data={data} is generic: it needs {sorted(missing)} (exercised by the format's own tests)")
     root = cfg.data.get("root")

@@ -199,8 +199,8 @@ def test_coco_maps_categories_reads_masks_and_drops_degenerate_boxes(tmp_path: P
 
 def test_coco_bad_input_names_the_problem(tmp_path: Path) -> None:
     _write_coco(tmp_path / "a", missing=True)
-    with pytest.raises(FileNotFoundError, match=r"image id 12 points to .*12\.png"):
-        _coco(tmp_path / "a").make_dataset("val")
+    with pytest.raises(ValueError, match=r"image id 12 points to .*12\.png, which does not exist"):
+        _coco(tmp_path / "a").setup()
     with pytest.raises(FileNotFoundError, match="nope.json"):
         CocoDetectionDataModule(task="detection", root=str(tmp_path), train={"ann_file": "nope.json", "images": "."},
                                 val={"ann_file": "nope.json", "images": "."})
@@ -217,7 +217,7 @@ def test_mask_rcnn_on_data_without_masks_is_a_clear_error(make_cfg, tmp_path: Pa
                    "data.image_size=64", "data.num_workers=0", "trainer.fast_dev_run=true")
     run = build_run(cfg, tmp_path)
     assert not run.datamodule.has_masks
-    with pytest.raises(ValueError, match="mask_rcnn needs instance masks, but coco has none"):
+    with pytest.raises(ValueError, match="mask_rcnn needs instance masks, but data has none"):
         run.trainer.fit(run.module, datamodule=run.datamodule)
 
 
@@ -261,13 +261,11 @@ def test_voc_reads_boxes_difficult_and_empty_images(tmp_path: Path) -> None:
 def test_voc_bad_input_names_the_problem(tmp_path: Path) -> None:
     root = _write_voc(tmp_path)
     with pytest.raises(ValueError, match=r"classes \['Platelets', 'WBC'\] are not in data.classes \['RBC'\]"):
-        VOCDetectionDataModule(task="detection", root=str(root), classes=["RBC"]).make_dataset("test")
+        VOCDetectionDataModule(task="detection", root=str(root), classes=["RBC"]).setup()
     (root / "JPEGImages" / "c.jpg").unlink()
-    with pytest.raises(FileNotFoundError, match=r"c\.xml points to the image .*c\.jpg"):
-        VOCDetectionDataModule(task="detection", root=str(root)).make_dataset("test")
     (root / "Annotations" / "b.xml").unlink()
-    with pytest.raises(FileNotFoundError, match=r"b\.xml"):
-        VOCDetectionDataModule(task="detection", root=str(root))
+    with pytest.raises(ValueError, match=r"(?s)2 problems.*b\.xml' does not exist.*c\.xml: points to the image .*c\.jpg"):
+        VOCDetectionDataModule(task="detection", root=str(root)).setup()
     with pytest.raises(FileNotFoundError, match="expected root/JPEGImages/"):
         VOCDetectionDataModule(task="detection", root=str(tmp_path / "missing"))
 

@@ -275,7 +275,7 @@ def test_folder_run_eval_and_pictures(make_cfg, tmp_path: Path) -> None:
                  "data.num_workers=0", "data.batch_size=2", "trainer.max_epochs=1"]
     run_dir = tmp_path / "run"
     rec = train(make_cfg(*overrides, run_dir=run_dir), run_dir, overrides=overrides + ["trainer.accelerator=cpu"])
-    assert rec["dataset"] == "masks" and rec["checkpoint"]
+    assert rec["dataset"] == "data" and rec["checkpoint"]
     eval_dir = tmp_path / "eval"
     erec = evaluate(make_cfg(f"ckpt_path={rec['checkpoint']}", "save_images=3", config="eval", run_dir=eval_dir),
                     str(eval_dir))

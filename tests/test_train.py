@@ -55,7 +55,7 @@ def test_imagefolder_run_and_eval_reproduces_test_metric(make_cfg, tmp_path: Pat
     rec = train(cfg, train_dir, overrides=["backbone=convnext_test", "data=imagefolder", f"data.root={root}",
                                            "data.image_size=32", "data.num_workers=0", "data.batch_size=4",
                                            "logger=csv", "trainer.accelerator=cpu"])
-    assert rec["dataset"] == "imagefolder" and rec["checkpoint"]
+    assert rec["dataset"] == "data" and rec["checkpoint"]  # the root folder's name
     eval_dir = tmp_path / "eval"
     ecfg = make_cfg(f"ckpt_path={rec['checkpoint']}", config="eval", run_dir=eval_dir)
     erec = evaluate(ecfg, str(eval_dir))

@@ -6,13 +6,45 @@ interpolation, crop) so real data is fed the way the backbone expects.
 """
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from backbones._features import IMAGENET_MEAN, IMAGENET_STD
+
+from .checks import DataCheck
+
+SPLITS = ("train", "val", "test")
+NAME_RULE = "letters, digits and _ . + -, starting with a letter or digit"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
+
+
+def dataset_name(root: str) -> str:
+    """A data root's folder name made path-safe: ``/data/hymenoptera/`` -> ``hymenoptera``.
+
+    The folder formats' configs default to ``name: ${dataset_name:${.root}}``, so records, battle
+    cells and leaderboard settings tell two datasets of one format apart.
+    """
+    folder = Path(os.path.abspath(os.path.expanduser(str(root)))).name
+    name = _UNSAFE.sub("-", folder).strip(".-")
+    if not name:
+        raise ValueError(f"cannot make a dataset name from data.root={root!r}; set data.name=<name> ({NAME_RULE})")
+    return name
+
+
+def check_name(name: str) -> str:
+    """``name`` when it can name records and directories (no path separators, no leading dot); else ``ValueError``."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", str(name)):
+        safe = _UNSAFE.sub("-", str(name)).strip(".-") or "my_data"
+        raise ValueError(f"data.name={name!r} cannot name records and run directories; use {NAME_RULE}, "
+                         f"e.g. data.name={safe}")
+    return str(name)
 
 
 def normalize(image_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -39,9 +71,10 @@ class ArenaDataModule(L.LightningDataModule):
     num_classes: int
     class_names: list[str]
     test_splits: list[str]
+    checked_splits: tuple[str, ...] = SPLITS  # built and checked at setup
 
     def __init__(self, *, task: str, tasks: Sequence[str], batch_size: int = 64, num_workers: int = 0,
-                 data_config: dict[str, Any] | None = None, name: str | None = None) -> None:
+                 data_config: dict[str, Any] | None = None, name: str | None = None, verify: str = "header") -> None:
         super().__init__()
         if task not in tasks:
             raise ValueError(f"{type(self).__name__} serves the tasks {tuple(tasks)}, got task={task!r}; "
@@ -50,10 +83,14 @@ class ArenaDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.task = task
         self.batch_size, self.num_workers = batch_size, num_workers
+        if isinstance(data_config, DictConfig):  # instantiate() hands keyword arguments over as config nodes
+            data_config = OmegaConf.to_container(data_config, resolve=True)
         self.data_config = dict(data_config or {})
         self.mean = tuple(self.data_config.get("mean", IMAGENET_MEAN))
         self.std = tuple(self.data_config.get("std", IMAGENET_STD))
-        self.name = name or type(self).__name__
+        self.name = check_name(name) if name is not None else type(self).__name__
+        self.data_check = DataCheck(verify=verify, workers=num_workers)
+        self.checked = False
         self.datasets: dict[str, Dataset] = {}
         self.test_splits = ["test"]
 
@@ -70,14 +107,23 @@ class ArenaDataModule(L.LightningDataModule):
     def collate_fn(self) -> Callable | None:
         return None
 
+    def check_data(self, check: DataCheck) -> None:
+        """Add what is wrong with the files of ``self.datasets`` to ``check`` (generated data: nothing)."""
+
     def setup(self, stage: str | None = None) -> None:
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), None: ("train", "val", "test")}
-        for split in splits.get(stage, ("test",)):
+        """Build every split and check its files, once, so bad data fails before any step runs (whatever ``stage``)."""
+        if self.checked:
+            return
+        for split in self.checked_splits:
             if split not in self.datasets:
                 self.datasets[split] = self.make_dataset(split)
+        self.check_data(self.data_check)
+        self.data_check.raise_if_any(self.name)
+        self.checked = True
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if split not in self.datasets:
+        self.setup()
+        if split not in self.datasets:  # a split outside checked_splits (OOD set, kNN bank), built when asked for
             self.datasets[split] = self.make_dataset(split)
         return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
                           num_workers=self.num_workers, collate_fn=self.collate_fn,

@@ -6,6 +6,10 @@ detectors normalise it with the backbone's mean and std themselves) and a target
 (objects the metric ignores: COCO crowds, VOC ``difficult``) and, where the data has them,
 ``masks`` (``[N, H, W]`` uint8). Images without objects are valid (``N = 0``).
 
+Boxes reaching outside their image are clipped to it (a box wholly outside becomes empty and is
+dropped); setup counts both in warnings, after checking every split's files together
+(``arena.data.checks``): datasets collect what is wrong with their annotations in ``problems``.
+
 Augmentation is ``torchvision.transforms.v2`` on ``tv_tensors``, so boxes and masks move with
 the image. Training images get their longer side resized to ``image_size`` times a scale drawn
 from ``scales`` (aspect kept: multi-scale training) and a random horizontal flip. Evaluation
@@ -31,7 +35,8 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from .base import ArenaDataModule, detection_collate
+from .base import SPLITS, ArenaDataModule, detection_collate
+from .checks import DataCheck
 
 DEFAULT_SCALES = (0.75, 0.875, 1.0)
 
@@ -48,14 +53,43 @@ def warn_degenerate(count: int, total: int, source: str, examples: Sequence[str]
                       f"(in {', '.join(list(examples)[:5])})", stacklevel=3)
 
 
+def warn_outside(files: Sequence[tuple[Path, torch.Tensor, tuple[int, int] | None]],
+                 sizes: dict[Path, tuple[int, int]], source: str) -> None:
+    """Warn once for the xyxy boxes that reach outside their (W, H) image (clipped) or lie wholly outside (dropped).
+
+    ``files`` holds (image, boxes, size from the annotations); the size read from the image wins.
+    """
+    clipped, total, where, dropped = 0, 0, [], []
+    for path, boxes, annotated in files:
+        size = sizes.get(path, annotated)
+        if size is None or not len(boxes):
+            continue
+        w, h = size
+        outside = (boxes[:, 0] >= w) | (boxes[:, 1] >= h) | (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0)
+        partly = ~outside & ((boxes[:, :2] < 0).any(1) | (boxes[:, 2] > w) | (boxes[:, 3] > h))
+        total += len(boxes)
+        if partly.any():
+            clipped, where = clipped + int(partly.sum()), where + [path.name]
+        if outside.any():
+            dropped.append(f"{path.name} ({int(outside.sum())})")
+    if clipped:
+        warnings.warn(f"{source}: clipped {clipped} of {total} boxes that reach outside their image to its borders "
+                      f"(in {', '.join(where[:5])}{', ...' if len(where) > 5 else ''})", stacklevel=2)
+    if dropped:
+        warnings.warn(f"{source}: dropped the boxes that lie wholly outside their image, in {', '.join(dropped)}",
+                      stacklevel=2)
+
+
 def read_image(path: Path) -> torch.Tensor:
-    """``[3, H, W]`` uint8 RGB; ``FileNotFoundError``/``ValueError`` name a missing or unreadable file."""
+    """``[3, H, W]`` uint8 RGB (16-bit images keep their top 8 bits); ``FileNotFoundError``/``ValueError`` name a
+    missing or unreadable file."""
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
     try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
+        image = decode_image(str(path), mode=ImageReadMode.RGB)
     except RuntimeError as e:
         raise ValueError(f"cannot read image {str(path)!r}: {e}. Remove or replace the file.") from e
+    return (image.to(torch.int32) >> 8).to(torch.uint8) if image.dtype == torch.uint16 else image
 
 
 def to_tv(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[tv_tensors.Image, dict[str, Any]]:
@@ -88,7 +122,7 @@ def detection_transforms(*, train: bool, image_size: int, scales: Sequence[float
                          hflip: bool = True) -> v2.Compose:
     """The v2 pipeline of one split (see the module docstring); ends in plain tensors, image in ``[0, 1]``."""
     check_sizes(image_size, scales)
-    steps: list[v2.Transform] = []
+    steps: list[v2.Transform] = [v2.ClampBoundingBoxes()]
     if train:
         steps.append(v2.RandomChoice([v2.Resize(size=None, max_size=round(image_size * s)) for s in scales]))
         if hflip:
@@ -99,10 +133,17 @@ def detection_transforms(*, train: bool, image_size: int, scales: Sequence[float
 
 
 class DetectionDataset(Dataset):
-    """Base of the on-disk formats: subclasses list images in ``__len__`` and read one in ``load``."""
+    """Base of the on-disk formats: subclasses list images in ``__len__``, read one in ``load``, give every
+    image with its boxes in ``files`` and add what is wrong with the annotations to ``problems``."""
 
-    def __init__(self, transforms: Callable[..., Any]) -> None:
+    def __init__(self, transforms: Callable[..., Any], source: str) -> None:
         self.transforms = transforms
+        self.source = source
+        self.problems: list[tuple[str, str, str]] = []  # (where, what is wrong, fix), reported at setup
+
+    def files(self) -> list[tuple[Path, torch.Tensor, tuple[int, int] | None]]:
+        """Every image with its xyxy boxes and the (W, H) its annotations give (``None`` when they give none)."""
+        raise NotImplementedError
 
     def load(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The uint8 image and its target (``boxes``, ``labels``, ``iscrowd``, maybe ``masks``)."""
@@ -143,6 +184,15 @@ class DetectionDataModule(ArenaDataModule):
     def collate_fn(self) -> Callable:
         return detection_collate
 
+    def check_data(self, check: DataCheck) -> None:
+        """Annotation problems, every image, and one warning per source for boxes outside their image."""
+        sources = {self.datasets[split].source: self.datasets[split] for split in SPLITS}
+        for ds in sources.values():
+            for problem in ds.problems:
+                check.add(*problem)
+            files = ds.files()
+            warn_outside(files, check.images(path for path, _, _ in files), ds.source)
+
 
 __all__ = ["DetectionDataModule", "DetectionDataset", "detection_transforms", "to_tv", "degenerate",
-           "warn_degenerate", "read_image", "check_sizes", "DEFAULT_SCALES"]
+           "warn_degenerate", "warn_outside", "read_image", "check_sizes", "DEFAULT_SCALES"]

@@ -2,7 +2,8 @@
 
 Preprocessing is timm's, resolved from the backbone (``timm.data.create_transform`` with the
 backbone's mean, std, input size, interpolation and crop), so pretrained weights see what they
-were trained on. ``val`` falls back to ``test`` and vice versa when only one exists.
+were trained on. ``val`` falls back to ``test`` and vice versa when only one exists. Setup checks
+every image of every split, OOD sets included (``arena.data.checks``).
 
 Retrieval reads ``root/query/<class>/`` against ``root/gallery/<class>/`` when both exist, else
 the test split leave-one-out, and needs no ``train/``. ``ood_tests={name: folder}`` adds test sets
@@ -16,10 +17,12 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import ImageFolder
 
 from .base import ArenaDataModule
+from .checks import DataCheck
 
 LAYOUT = "root/train/<class>/*.jpg plus root/val/<class>/ and/or root/test/<class>/"
 RETRIEVAL_LAYOUT = "root/query/<class>/ and root/gallery/<class>/, or root/test/<class>/ (leave-one-out)"
@@ -27,10 +30,15 @@ SET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB; a corrupt file raises ``ValueError`` naming it."""
+    """Open an image as RGB; a corrupt file raises ``ValueError`` naming it.
+
+    16-bit greyscale (PIL mode ``I;16``) keeps its top 8 bits: PIL's own conversion would clip it at 255.
+    """
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
+            if img.mode.startswith("I;16"):
+                img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {e}. Remove or replace the file.") from e
@@ -101,6 +109,7 @@ class ImageFolderDataModule(ArenaDataModule):
             self._add_ood_tests(dict(ood_tests or {}))
         self.num_classes = len(self.class_names)
         self.train_augment = train_augment
+        self.checked_splits = tuple(split for split in self.dirs if split != "bank")
 
     def _add_ood_tests(self, ood_tests: dict[str, str]) -> None:
         """Check every OOD folder now, before anything trains: a safe name, class folders among train's."""
@@ -131,3 +140,6 @@ class ImageFolderDataModule(ArenaDataModule):
                if k in self.data_config}
         transform = create_transform(**cfg, is_training=split == "train" and self.train_augment)
         return ClassFolder(str(self.dirs[split]), classes=self.class_names, transform=transform, loader=load_rgb)
+
+    def check_data(self, check: DataCheck) -> None:
+        check.images(Path(p) for split in self.checked_splits for p, _ in self.datasets[split].samples)

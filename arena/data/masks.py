@@ -10,9 +10,13 @@ pixel values are class indices ``0..K-1`` and ``ignore_index`` marks void pixels
   ``root/SegmentationClass/<id>.png`` (palette PNGs whose indices are the classes, 255 on object
   borders = void) and the ids of each split in ``root/ImageSets/Segmentation/<split>.txt``.
 
-Bad data fails with the file named: an image without a mask (when the split is listed), a mask
-whose size differs from its image, or a mask value that is neither a class nor the ignore index
-(when the pair is read).
+``mask_values`` maps stored values to class indices (values it does not name are kept), e.g.
+``{0: 0, 255: 1}`` for two-class masks stored as 0/255, where 255 would otherwise be void.
+
+Bad data fails with the file named: an image without a mask (when the split is listed); and, at
+setup, before any step, together: an unreadable image or mask, a mask whose size differs from its
+image, a mask value that is neither a class nor the ignore index, and two-class masks that hold
+only 0 and the ignore index (0/255 masks read as "all foreground is void").
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from .base import ArenaDataModule
+from .base import SPLITS, ArenaDataModule
+from .checks import DataCheck
 from .imagefolder import load_rgb
 from .seg_transforms import PadCollate, eval_transforms, train_transforms
 from .voc import image_set_ids
@@ -39,6 +44,7 @@ VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor")
 VOC_SPLITS = {"train": "train", "val": "val", "test": "val"}
+MASK_FIX = "correct the mask, or remove it with its image"
 
 
 def load_mask(path: Path) -> np.ndarray:
@@ -57,10 +63,42 @@ class SegmentationFiles(Dataset):
     """``(image, mask)`` pairs of files, checked when read, with joint v2 ``transforms``."""
 
     def __init__(self, pairs: Sequence[tuple[Path, Path]], *, num_classes: int, ignore_index: int,
-                 transforms: Callable | None) -> None:
+                 transforms: Callable | None, mask_values: Mapping[int, int] | None = None) -> None:
         self.pairs = list(pairs)
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.transforms = transforms
+        self.mask_values = {int(k): int(v) for k, v in (mask_values or {}).items()}
+
+    def mask(self, path: Path) -> np.ndarray:
+        """The mask at ``path`` with ``mask_values`` applied."""
+        stored = load_mask(path)
+        if not self.mask_values:
+            return stored
+        mask = stored.copy()
+        for value, index in self.mask_values.items():
+            mask[stored == value] = index
+        return mask
+
+    def value_problem(self, values: np.ndarray) -> str | None:
+        """What is wrong with a mask holding ``values``, if anything."""
+        bad = values[(values < 0) | ((values >= self.num_classes) & (values != self.ignore_index))]
+        if not bad.size:
+            return None
+        return (f"holds values {bad[:10].tolist()} outside the classes 0..{self.num_classes - 1}; the only other "
+                f"accepted value is ignore_index={self.ignore_index} (set data.ignore_index, data.class_names or "
+                f"data.mask_values)")
+
+    def inspect(self, pair: tuple[Path, Path], image_size: tuple[int, int] | None) -> tuple[np.ndarray, str | None]:
+        """The values a mask holds and what is wrong with it: unreadable, another size than its image, bad values."""
+        try:
+            mask = self.mask(pair[1])
+        except ValueError as e:
+            return np.zeros(0, np.int64), str(e)
+        if image_size is not None and mask.shape != image_size[::-1]:
+            return np.zeros(0, np.int64), (f"is {mask.shape[1]}x{mask.shape[0]} but its image {pair[0].name} is "
+                                           f"{image_size[0]}x{image_size[1]} (WxH); masks must have their image's size")
+        values = np.flatnonzero(np.bincount(mask.ravel())) if mask.min(initial=0) >= 0 else np.unique(mask)
+        return values, self.value_problem(values)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -69,15 +107,13 @@ class SegmentationFiles(Dataset):
         """The pair as stored (uint8 image, int64 mask), after the checks."""
         image_path, mask_path = self.pairs[index]
         image = np.asarray(load_rgb(str(image_path)))
-        mask = load_mask(mask_path)
+        mask = self.mask(mask_path)
         if image.shape[:2] != mask.shape:
             raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is "
                              f"{image.shape[1]}x{image.shape[0]} (WxH); masks must have their image's size")
-        bad = np.unique(mask[(mask >= self.num_classes) & (mask != self.ignore_index)])
-        if bad.size:
-            raise ValueError(f"mask {mask_path} holds values {bad[:10].tolist()} outside the classes "
-                             f"0..{self.num_classes - 1}; the only other accepted value is "
-                             f"ignore_index={self.ignore_index} (set data.ignore_index or data.class_names)")
+        problem = self.value_problem(np.unique(mask))
+        if problem is not None:
+            raise ValueError(f"mask {mask_path} {problem}")
         return tv_tensors.Image(torch.from_numpy(image.copy()).permute(2, 0, 1)), tv_tensors.Mask(torch.from_numpy(mask))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +168,8 @@ class MaskFolderDataModule(ArenaDataModule):
     def __init__(self, *, task: str, root: str, class_names: Sequence[str], ignore_index: int = 255,
                  splits: Mapping[str, Any] | None = None, image_size: int | None = None,
                  base_size: Sequence[int] = (512, 2048), scale_range: Sequence[float] = (0.5, 2.0),
-                 hflip: bool = True, mask_suffix: str = ".png", **kwargs: Any) -> None:
+                 hflip: bool = True, mask_suffix: str = ".png", mask_values: Mapping[int, int] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(task=task, tasks=("segmentation",), **kwargs)
         if len(class_names) < 2:
             raise ValueError(f"class_names must name at least 2 classes, got {list(class_names)}")
@@ -150,6 +187,7 @@ class MaskFolderDataModule(ArenaDataModule):
         self.splits = dict(FOLDER_SPLITS if splits is None else splits)
         self.base_size, self.scale_range, self.hflip = tuple(base_size), tuple(scale_range), hflip
         self.mask_suffix = mask_suffix
+        self.mask_values = dict(mask_values or {})
 
     def pairs(self, split: str) -> list[tuple[Path, Path]]:
         """The checked (image, mask) file pairs of ``split``."""
@@ -171,7 +209,28 @@ class MaskFolderDataModule(ArenaDataModule):
         else:
             transforms = eval_transforms(mean=self.mean, std=self.std)
         return SegmentationFiles(self.pairs(split), num_classes=self.num_classes, ignore_index=self.ignore_index,
-                                 transforms=transforms)
+                                 transforms=transforms, mask_values=self.mask_values)
+
+    def check_data(self, check: DataCheck) -> None:
+        """Every image and mask of every split; two-class masks holding only 0 and the ignore index are an error."""
+        for split in SPLITS:
+            ds: SegmentationFiles = self.datasets[split]
+            sizes = check.images(image for image, _ in ds.pairs)
+            if check.verify == "none":
+                continue
+            pairs = [p for p in ds.pairs if p[1] not in check.seen]
+            check.seen.update(m for _, m in pairs)
+            held: set[int] = set()
+            for (_, mask), (values, problem) in zip(pairs, check.map(lambda p: ds.inspect(p, sizes.get(p[0])),
+                                                                    pairs)):
+                held.update(values.tolist())
+                if problem is not None:
+                    check.add(mask, problem, MASK_FIX)
+            if self.num_classes == 2 and not self.mask_values and held == {0, self.ignore_index}:
+                check.add(pairs[0][1].parent, f"every mask holds only the values 0 and {self.ignore_index}, which is "
+                          f"data.ignore_index, so all non-zero pixels would be left out of loss and metrics",
+                          f"for masks that store class 1 as {self.ignore_index} set "
+                          f"data.mask_values='{{0: 0, {self.ignore_index}: 1}}' (or store the classes as 0..K-1)")
 
     @property
     def collate_fn(self) -> PadCollate:

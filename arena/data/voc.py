@@ -6,7 +6,8 @@ VOC corners are 1-based and inclusive; they become 0-based xyxy ``(xmin - 1, ymi
 ``difficult`` objects are left out of training and marked ``iscrowd`` so the metric ignores them,
 as VOC's own evaluation does. Class names are ``classes`` in the given order or, when it is
 null, every name the annotations of all splits use, sorted. Boxes with zero or negative size
-are dropped with one warning per split; ``val`` and ``test`` stand in for each other.
+are dropped with one warning per split; ``val`` and ``test`` stand in for each other. A missing
+or broken annotation file, a missing image or an unknown class is reported at setup, all together.
 
 >>> import tempfile
 >>> from PIL import Image
@@ -19,7 +20,8 @@ are dropped with one warning per split; ``val`` and ``test`` stand in for each o
 >>> for split in ("train", "val"):
 ...     _ = (root / "ImageSets" / "Main" / f"{split}.txt").write_text("a\\n")
 >>> dm = VOCDetectionDataModule(task="detection", root=str(root), image_size=64)
->>> dm.class_names, dm.make_dataset("val")[0][1]["boxes"]
+>>> dm.setup()
+>>> dm.class_names, dm.datasets["val"][0][1]["boxes"]
 (['cat'], tensor([[ 2.,  3., 12.,  8.]]))
 """
 from __future__ import annotations
@@ -83,19 +85,25 @@ class VOCDetectionDataset(DetectionDataset):
     """The images of one ``ImageSets/Main`` list, labelled by their index in ``class_names`` plus one."""
 
     def __init__(self, *, records: Sequence[VOCRecord], images: Path, class_names: Sequence[str],
-                 transforms: Callable[..., Any], keep_difficult: bool) -> None:
-        super().__init__(transforms)
+                 transforms: Callable[..., Any], keep_difficult: bool, source: str = "VOC",
+                 problems: Sequence[tuple[str, str, str]] = ()) -> None:
+        super().__init__(transforms, source)
         self.images = images
+        self.problems.extend(problems)
         label_of = {n: i + 1 for i, n in enumerate(class_names)}
         self.samples: list[tuple[Path, dict[str, torch.Tensor]]] = []
         dropped, total, where = 0, 0, []
         for r in records:
             path = images / r.filename
             if not path.is_file():
-                raise FileNotFoundError(f"{r.xml} points to the image {str(path)!r}, which does not exist")
+                self.problems.append((str(r.xml), f"points to the image {path}, which does not exist",
+                                      "add the image, or remove the annotation and its line in ImageSets/Main"))
+                continue
             unknown = sorted(set(r.names) - set(label_of))
             if unknown:
-                raise ValueError(f"{r.xml}: classes {unknown} are not in data.classes {list(class_names)}")
+                self.problems.append((str(r.xml), f"classes {unknown} are not in data.classes {list(class_names)}",
+                                      "add them to data.classes, or set data.classes=null to use every name"))
+                continue
             keep = ~r.degenerate
             if not keep.all():
                 dropped, where = dropped + int((~keep).sum()), where + [r.xml.name]
@@ -113,6 +121,9 @@ class VOCDetectionDataset(DetectionDataset):
         path, target = self.samples[index]
         return read_image(path), target
 
+    def files(self) -> list[tuple[Path, torch.Tensor, tuple[int, int] | None]]:
+        return [(path, target["boxes"], None) for path, target in self.samples]
+
 
 class VOCDetectionDataModule(DetectionDataModule):
     """Pascal VOC detection from ``root`` (see the module docstring for the layout)."""
@@ -127,15 +138,25 @@ class VOCDetectionDataModule(DetectionDataModule):
                                     f"lists; expected {LAYOUT}")
         found.setdefault("val", found.get("test"))
         found.setdefault("test", found["val"])
-        self.records = {s: [parse_voc_xml(self.root / "Annotations" / f"{i}.xml") for i in image_set_ids(p)]
-                        for s, p in found.items()}
+        self.lists = found
+        self.records: dict[str, list[VOCRecord]] = {}
+        self.broken: dict[str, list[tuple[str, str, str]]] = {}  # annotation files that cannot be read
+        for split, listing in found.items():
+            self.records[split], self.broken[split] = [], []
+            for i in image_set_ids(listing):
+                try:
+                    self.records[split].append(parse_voc_xml(self.root / "Annotations" / f"{i}.xml"))
+                except (FileNotFoundError, ValueError) as e:
+                    self.broken[split].append((f"{listing} line {i!r}", str(e),
+                                               "add or repair the annotation file, or remove the line"))
         used = sorted({n for rs in self.records.values() for r in rs for n in r.names})
         self.class_names = list(classes) if classes is not None else used
 
     def make_dataset(self, split: str) -> VOCDetectionDataset:
         return VOCDetectionDataset(records=self.records[split], images=self.root / "JPEGImages",
                                    class_names=self.class_names, transforms=self.transforms(split),
-                                   keep_difficult=split != "train")
+                                   keep_difficult=split != "train", source=str(self.lists[split]),
+                                   problems=self.broken[split])
 
 
 def image_set_ids(path: Path) -> list[str]:

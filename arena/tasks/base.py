@@ -22,10 +22,17 @@ class TaskModule(L.LightningModule):
     ``mode="linear_probe"`` (classification) or ``"frozen"`` (dense tasks) freezes the backbone:
     no gradients, and BatchNorm statistics frozen because it stays in eval mode. A simple
     pyramid added for a dense head stays trainable. ``fine_tune`` trains everything.
+
+    A task whose class sets ``reads_embed = False`` (it reads only feature levels) prunes the
+    backbone to them (``Backbone.prune_to_features``), so every parameter it carries is trained:
+    what DistributedDataParallel requires, and no optimiser state or weight decay is spent on
+    a pooled head nothing reads. A task that reads ``embed`` only (the default) freezes the
+    modules ``embed`` never uses instead (``Backbone.freeze_feature_modules``).
     """
 
     name: str = "task"
     primary_metric: str = ""  # the test metric leaderboards rank by
+    reads_embed: bool = True  # True: the task reads only embed(); False: only feature levels
     arena_config: dict[str, Any] | None = None  # the run's resolved config, saved in checkpoints
     arena_overrides: list[str] | None = None  # its command-line overrides, so eval.py can recompose it
     trains: bool = True  # False: a training-free probe, which train.py only tests
@@ -40,6 +47,10 @@ class TaskModule(L.LightningModule):
             raise ValueError(f"lr must be > 0, got {lr}")
         if layer_decay is not None and not 0 < layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1] or null, got {layer_decay}")
+        if self.reads_embed:
+            backbone.freeze_feature_modules()
+        else:
+            backbone.prune_to_features()
         self.backbone = backbone
         self.mode = mode
         self.frozen_part = backbone.inner if isinstance(backbone, SimpleFeaturePyramid) else backbone

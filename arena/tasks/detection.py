@@ -43,6 +43,7 @@ class DetectionTask(TaskModule):
 
     name = "detection"
     primary_metric = "map"
+    reads_embed = False
 
     def __init__(self, *, backbone: Backbone, num_classes: int, head: str = "faster_rcnn", image_size: int,
                  fpn_channels: int = 256, anchor_scale: float | None = None,

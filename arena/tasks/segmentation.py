@@ -64,6 +64,7 @@ class SegmentationTask(TaskModule):
 
     name = "segmentation"
     primary_metric = "miou"
+    reads_embed = False
 
     def __init__(self, *, backbone: Backbone, num_classes: int, head: str = "upernet",
                  head_kwargs: Mapping[str, Any] | None = None, aux_weight: float = 0.4, ignore_index: int = 255,
@@ -83,6 +84,8 @@ class SegmentationTask(TaskModule):
             self.backbone.check_input_size(window, window)
         self.head = build_segmentation_head(head, feature_info=self.backbone.feature_info, num_classes=num_classes,
                                             **dict(head_kwargs or {}))
+        if not aux_weight:  # an auxiliary head outside the loss would hold weights that never get a gradient
+            self.head.aux = None
         self.num_classes, self.ignore_index, self.aux_weight = num_classes, ignore_index, aux_weight
         self.inference, self.window, self.stride = inference, window, stride
         self.confusion = torch.nn.ModuleDict({
