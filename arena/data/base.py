@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from backbones._features import IMAGENET_MEAN, IMAGENET_STD
 
 from .checks import DataCheck
+from .resumable import ResumableLoader
 
 SPLITS = ("train", "val", "test")
 NAME_RULE = "letters, digits and _ . + -, starting with a letter or digit"
@@ -125,7 +126,8 @@ class ArenaDataModule(L.LightningDataModule):
         self.setup()
         if split not in self.datasets:  # a split outside checked_splits (OOD set, kNN bank), built when asked for
             self.datasets[split] = self.make_dataset(split)
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
+        loader_cls = ResumableLoader if shuffle else DataLoader  # a shuffled loader resumes mid-epoch
+        return loader_cls(self.datasets[split], batch_size=self.batch_size,
                           num_workers=self.num_workers, collate_fn=self.collate_fn,
                           persistent_workers=self.num_workers > 0, drop_last=shuffle and self.task != "detection"
                           and len(self.datasets[split]) > self.batch_size)

@@ -1,0 +1,207 @@
+"""Runs survive interruption and checkpoints are data: kill a run at a chosen step and resume it to the
+same result; refuse checkpoints whose stored overrides reach beyond the trained model."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from arena.records import RECORD_NAME
+from arena.run import (SafeCheckpointIO, checkpoint_refusal, compose_from_checkpoint, load_checkpoint,
+                       resolve_ckpt_path, with_checkpoint_overrides)
+from eval import evaluate
+from train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# 4 steps an epoch, 2 epochs; deterministic so that a resumed run can be compared number for number
+RUN = ["backbone=convnext_test", "data.num_train=32", "data.num_val=8", "data.num_test=8", "data.batch_size=8",
+       "data.image_size=32", "data.num_workers=0", "trainer.max_epochs=2", "trainer.deterministic=true"]
+STEPS, STOP_AT, EVERY = 8, 6, 5  # interrupted in epoch 1; the step checkpoint before it is step 5
+EXIT = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT, signal.SIGKILL: -signal.SIGKILL}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """An uninterrupted run of ``RUN`` (the module's one in-process training): its record."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    out = tmp_path_factory.mktemp("reference")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*RUN, "trainer.enable_progress_bar=false"],
+                      return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.paths.output_dir = cfg.hydra.runtime.output_dir = str(out)
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        record = train(cfg, out, overrides=RUN)
+    GlobalHydra.instance().clear()
+    return record
+
+
+def _train_py(*args: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
+def test_interrupted_run_resumes_to_the_same_result(reference: dict, tmp_path: Path, sig: signal.Signals) -> None:
+    run_dir, flag = tmp_path / "run", tmp_path / "held"
+    proc = _train_py(*RUN, f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false",
+                     f"callbacks.model_checkpoint.every_n_train_steps={EVERY}",
+                     "+callbacks.hold._target_=tests.signal_hook.HoldAtStep", f"+callbacks.hold.step={STOP_AT}",
+                     f"+callbacks.hold.flag={flag}")
+    deadline = time.monotonic() + 300
+    while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert flag.exists(), proc.communicate()[0][-3000:]
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == EXIT[sig], out[-3000:]
+    saved = STOP_AT if sig != signal.SIGKILL else EVERY  # SIGKILL leaves the last step checkpoint
+    assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == saved
+    assert not (run_dir / RECORD_NAME).exists()
+    if sig != signal.SIGKILL:
+        assert "Resume with: python train.py ckpt_path=last" in out
+
+    resumed = _train_py("ckpt_path=last", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false")
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"at global step {saved} " in out
+    assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == STEPS
+    record = json.loads((run_dir / RECORD_NAME).read_text())
+    assert record["config_hash"] == reference["config_hash"]
+    assert record["metrics"] == reference["metrics"]  # bit for bit: same batches, same order, same random draws
+    log = (run_dir / "train.log").read_text()
+    assert f"at global step {saved} " in log and "run directory:" in log
+
+
+def test_ckpt_path_last_and_auto(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"checkpoints/last.ckpt' does not exist.*ckpt_path=auto"):
+        resolve_ckpt_path("last", tmp_path)
+    assert resolve_ckpt_path("auto", tmp_path) is None and resolve_ckpt_path(None, tmp_path) is None
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert resolve_ckpt_path("auto", tmp_path) == resolve_ckpt_path("last", tmp_path) == str(
+        tmp_path / "checkpoints" / "last.ckpt")
+    with pytest.raises(FileNotFoundError, match="ckpt_path='nope.ckpt' does not exist"):
+        resolve_ckpt_path("nope.ckpt", tmp_path)
+
+
+@pytest.mark.parametrize("override", [
+    "+callbacks.evil._target_=builtins.open", "callbacks=none", "logger=wandb", "task.module._target_=builtins.print",
+    "task.module.loss={_target_:builtins.open,file:x}", "task@callbacks.evil=detection", "hydra.run.dir=/tmp/x",
+    "paths.log_dir=/", "trainer.accelerator=gpu", "+trainer.plugins._target_=x.y", "ckpt_path=last",
+    "data=shapes,voc", "optimized_metric=x", "backbone._partial_=true", "task=../../../tmp/evil", "data=/tmp/evil",
+])
+def test_checkpoint_may_not_set(override: str) -> None:
+    assert checkpoint_refusal(override) is not None
+
+
+@pytest.mark.parametrize("override", [
+    "task=detection", "backbone=convnext_test", "backbone=timm/resnet18", "experiment=battle", "data.batch_size=4",
+    "+task.module.score_threshold=0.2", "~data.num_val", "seed=3", "trainer.max_epochs=2", "trainer.precision=bf16-mixed",
+])
+def test_checkpoint_may_set(override: str) -> None:
+    assert checkpoint_refusal(override) is None
+
+
+class _TouchOnLoad:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+@pytest.mark.parametrize("attack", ["open", "torch_load"])
+def test_checkpoint_adding_a_callback_is_refused(reference: dict, make_cfg, tmp_path: Path, attack: str) -> None:
+    marker = tmp_path / "marker"
+    if attack == "open":  # would create the marker file
+        evil = ["+callbacks.evil._target_=builtins.open", f"+callbacks.evil.file={marker}", "+callbacks.evil.mode=w"]
+    else:  # would unpickle a file whose loading creates the marker
+        payload = tmp_path / "payload.pt"
+        payload.write_bytes(pickle.dumps(_TouchOnLoad(marker)))
+        evil = ["+callbacks.evil._target_=torch.load", f"+callbacks.evil.f={payload}",
+                "+callbacks.evil.weights_only=false"]
+    ckpt = load_checkpoint(reference["checkpoint"])
+    ckpt["arena_overrides"] = [*ckpt["arena_overrides"], *evil]
+    bad = tmp_path / "bad.ckpt"
+    torch.save(ckpt, bad)
+    with pytest.raises(ValueError, match=r"stored override '\+callbacks.evil._target_=.*' is not allowed"):
+        evaluate(make_cfg(f"ckpt_path={bad}", config="eval", run_dir=tmp_path / "eval"), str(tmp_path / "eval"))
+    with pytest.raises(ValueError, match=r"callbacks.evil._target_"):
+        train(make_cfg(*RUN, f"ckpt_path={bad}", run_dir=tmp_path / "train"), tmp_path / "train")
+    if attack == "open":  # once from the command line: resuming it
+        (tmp_path / "cli" / "checkpoints").mkdir(parents=True)
+        bad.rename(tmp_path / "cli" / "checkpoints" / "last.ckpt")
+        cli = _train_py("ckpt_path=last", f"hydra.run.dir={tmp_path / 'cli'}")
+        out = cli.communicate(timeout=300)[0]
+        assert cli.returncode == 1 and "is not allowed" in out
+        log = (tmp_path / "cli" / "train.log").read_text()
+        assert "Traceback" in log and "is not allowed" in log  # the run's log file holds the failure
+    assert not marker.exists()
+    assert not (tmp_path / "eval" / RECORD_NAME).exists() and not (tmp_path / "train" / RECORD_NAME).exists()
+
+
+def test_eval_takes_task_overrides_on_a_checkpoints_task(make_cfg, tmp_path: Path) -> None:
+    tiny = ["backbone=convnext_test", "task=detection", "task.module.fpn_channels=64", "data.batch_size=2",
+            "data.num_train=4", "data.num_val=2", "data.num_test=2", "data.image_size=64", "trainer.max_epochs=1"]
+    rec = train(make_cfg(*tiny, run_dir=tmp_path / "run"), tmp_path / "run", overrides=tiny)
+    here = [f"ckpt_path={rec['checkpoint']}", "task.module.score_threshold=0.2"]
+    cfg, overrides = compose_from_checkpoint("eval", rec["checkpoint"], here, tmp_path / "eval")
+    assert cfg.task.name == "detection" and cfg.task.module.score_threshold == 0.2 and cfg.data.num_test == 2
+    assert overrides[-2:] == here
+    argv = with_checkpoint_overrides(here)  # what eval.py hands Hydra
+    assert "task=detection" in argv and argv[-2:] == here
+    erec = evaluate(make_cfg(*argv, config="eval", run_dir=tmp_path / "eval"), str(tmp_path / "eval"))
+    assert erec["task"] == "detection" and erec["stage"] == "eval"
+    assert erec["metrics"]["map"] == pytest.approx(rec["metrics"]["map"], abs=1e-6)
+
+
+def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch) -> None:
+    io, path = SafeCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 1}, path)
+
+    def torn(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {}, "global_step": 2}, path)
+    assert io.load_checkpoint(path)["global_step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_resumable_loader_continues_mid_epoch() -> None:
+    from arena.data.resumable import ResumableLoader
+
+    torch.manual_seed(0)
+    first = ResumableLoader(list(range(20)), batch_size=4, drop_last=True)
+    first.sampler.set_epoch(1)
+    it = iter(first)
+    seen = [next(it), next(it)]
+    state = first.state_dict()
+    rest = list(it)
+    torch.manual_seed(123)  # a resumed process: other global random state, the loader's own comes from the state
+    second = ResumableLoader(list(range(20)), batch_size=4, drop_last=True)
+    second.load_state_dict(state)
+    second.sampler.set_epoch(1)
+    assert [b.tolist() for b in second] == [b.tolist() for b in rest]
+    assert sorted(torch.cat(seen + rest).tolist()) == list(range(20))
+    second.sampler.set_epoch(2)
+    assert [b.tolist() for b in second] != [b.tolist() for b in seen + rest]  # a new epoch, a new order
