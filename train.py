@@ -24,13 +24,14 @@ register_configs()
 
 
 def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict | None:
-    """Fit (resuming from ``cfg.ckpt_path`` when set), test with the final weights, and write the record;
-    returns the record (``None`` on DDP ranks > 0). Checkpoints keep the ``overrides`` that define what was
-    trained."""
+    """Fit (resuming from ``cfg.ckpt_path`` when set; not at all for a training-free task), test with the final
+    weights, and write the record; returns the record (``None`` on DDP ranks > 0). Checkpoints keep the
+    ``overrides`` that define what was trained."""
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     run = build_run(cfg, run_dir)
     run.module.arena_overrides = trained_overrides(overrides or [])
-    fit(run, ckpt_path)
+    if run.module.trains:
+        fit(run, ckpt_path)
     run_test(run)
     ckpt = Path(run_dir) / "checkpoints" / "last.ckpt"
     return finish_run(run, stage="train", checkpoint=str(ckpt) if ckpt.exists() else None)

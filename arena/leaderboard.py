@@ -5,14 +5,17 @@
 
 Rows are *entries*: an architecture with its weights (the record's ``entry``; ``backbone`` for records
 that predate it). Aggregation (Battle of the Backbones, Goldblum et al. 2023). A *setting* s is a
-task x dataset x mode. For entry b with seeds k = 1..n_bs, m_bs = mean_k metric_bsk (the task's
-primary metric). Across the entries B_s present in s: z_bs = (m_bs - mean_{b' in B_s} m_b's) /
+task type x dataset x mode x metric; one record can score several (``record_settings``): its task's
+primary metric, mask AP beside box AP for detection, and each OOD test set as a setting of task
+type ``ood``. The task types are BoB's five: classification (fine-tune, linear probe, kNN),
+detection, segmentation, retrieval and ood. For entry b with seeds k = 1..n_bs, m_bs = mean_k
+metric_bsk. Across the entries B_s present in s: z_bs = (m_bs - mean_{b' in B_s} m_b's) /
 std_{b' in B_s} m_b's (population std; z = 0 when all entries tie). The task score is the mean of
-z_bs over the task's settings the entry has, and the overall score the mean of task scores over the
-tasks it has. An entry that lacks a setting is never filled in: its ``coverage`` column says how
-many settings it has, it gets no rank (ranks are among full-coverage entries only) and the missing
-cells are listed. Failed cells are listed with their error and not scored; records that cannot be
-read are listed with the reason.
+z_bs over the task type's settings the entry has, and the overall score the mean of task scores
+over the task types it has. An entry that lacks a setting is never filled in: its ``coverage``
+column says how many settings it has, it gets no rank (ranks are among full-coverage entries only)
+and the missing cells are listed. Failed cells are listed with their error and not scored; records
+that cannot be read are listed with the reason.
 
 Only ``metrics.json`` records are read; for one entry x setting x seed the newest record counts.
 Efficiency columns come from the records (params, multiply-accumulates) and from ``arena bench``
@@ -36,7 +39,7 @@ import pandas as pd
 from .records import scan_records
 
 KEY = "entry"  # a leaderboard row: an architecture with its weights
-SETTING = ["task", "dataset", "mode"]
+SETTING = ["task", "dataset", "mode", "metric"]
 # (upper bound in parameters, label) of the size tiers, by backbone parameters
 SIZE_TIERS = ((10e6, "<10M"), (30e6, "10-30M"), (90e6, "30-90M"), (math.inf, ">=90M"))
 FLOPS_PER_MAC = 2  # a record's ``flops`` counts a multiply-add as two operations (arena.bench.count_flops)
@@ -49,8 +52,8 @@ def size_tier(params: float) -> str:
     return next(label for bound, label in SIZE_TIERS if params < bound)
 
 
-def setting_name(task: str, dataset: str, mode: str) -> str:
-    return f"{task}/{dataset}/{mode}"
+def setting_name(task: str, dataset: str, mode: str, metric: str) -> str:
+    return f"{task}/{dataset}/{mode}:{metric}"
 
 
 @dataclass
@@ -69,24 +72,42 @@ class Leaderboard:
     efficiency_axis: str  # the x axis of the Pareto front: infer_samples_per_sec or gmacs
 
 
+def record_settings(record: dict[str, Any]) -> list[tuple[str, str, str, float]]:
+    """The settings one record scores, as (task type, dataset, metric, value).
+
+    The task's primary metric (NaN when missing); a detection record's mask AP (``segm_map``) as
+    a second detection setting; each OOD test set's primary metric (``ood/<name>/<metric>``) as a
+    setting of task type ``ood`` on dataset ``<dataset>><name>``.
+    """
+    metric, metrics, dataset = record.get("primary_metric") or "", record["metrics"], record["dataset"]
+    out = [(record["task"], dataset, metric, metrics.get(metric, np.nan))]
+    if record["task"] == "detection" and "segm_map" in metrics:
+        out.append(("detection", dataset, "segm_map", metrics["segm_map"]))
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "ood" and parts[2] == metric:
+            out.append(("ood", f"{dataset}>{parts[1]}", metric, value))
+    return out
+
+
 def records_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """One row per record, with the primary metric's value pulled out as ``value``.
+    """One row per setting a record scores (``record_settings``), its value as ``value``.
 
     Records written before entries existed get the defaults: weights "random", pretraining "none",
     entry = backbone.
     """
     rows = []
     for r in records:
-        metric = r.get("primary_metric") or ""
-        rows.append({
-            KEY: r.get("entry") or r["backbone"], "architecture": r["backbone"],
-            "weights": r.get("weights") or "random",
-            "pretraining": r.get("pretraining") or "none", "family": r["family"], "task": r["task"],
-            "dataset": r["dataset"], "mode": r["mode"], "seed": int(r["seed"]), "status": r["status"],
-            "metric": metric, "value": r["metrics"].get(metric, np.nan), "params": r.get("params"),
-            "flops": r.get("flops"), "image_size": r.get("image_size"), "created": r.get("created", ""),
-            "error": r.get("error"), "run_dir": r.get("run_dir"),
-        })
+        for task, dataset, metric, value in record_settings(r):
+            rows.append({
+                KEY: r.get("entry") or r["backbone"], "architecture": r["backbone"],
+                "weights": r.get("weights") or "random",
+                "pretraining": r.get("pretraining") or "none", "family": r["family"], "task": task,
+                "dataset": dataset, "mode": r["mode"], "seed": int(r["seed"]), "status": r["status"],
+                "metric": metric, "value": value, "params": r.get("params"),
+                "flops": r.get("flops"), "image_size": r.get("image_size"), "created": r.get("created", ""),
+                "error": r.get("error"), "run_dir": r.get("run_dir"),
+            })
     cols = [KEY, "architecture", "weights", "pretraining", "family", "task", "dataset", "mode", "seed", "status",
             "metric", "value", "params", "flops", "image_size", "created", "error", "run_dir"]
     df = pd.DataFrame(rows, columns=cols)
@@ -174,7 +195,7 @@ def build_leaderboard(records: Iterable[dict[str, Any]], bench: pd.DataFrame | N
     failed = pd.concat([failed, no_metric])[key + ["error", "run_dir"]].reset_index(drop=True)
 
     cells = (done.groupby([KEY, *SETTING])
-             .agg(metric=("metric", "first"), mean=("value", "mean"), std=("value", "std"), seeds=("seed", "nunique"))
+             .agg(mean=("value", "mean"), std=("value", "std"), seeds=("seed", "nunique"))
              .reset_index())
     cells["z"] = cells.groupby(SETTING)["mean"].transform(zscores)
     settings = cells[SETTING].drop_duplicates().sort_values(SETTING)
@@ -202,8 +223,8 @@ def build_leaderboard(records: Iterable[dict[str, Any]], bench: pd.DataFrame | N
     for task in tasks:
         table[f"score_{task}"] = table[KEY].map(per_task[task]).astype(float)
     for s in settings.itertuples(index=False):
-        sel = cells[(cells["task"] == s.task) & (cells["dataset"] == s.dataset) & (cells["mode"] == s.mode)]
-        name = f"{setting_name(*s)}:{sel['metric'].iloc[0]}"
+        sel = cells[(cells[SETTING] == tuple(s)).all(axis=1)]
+        name = setting_name(*s)
         by = sel.set_index(KEY)
         table[name] = table[KEY].map(by["mean"])
         table[f"{name}_std"] = table[KEY].map(by["std"])
@@ -234,8 +255,8 @@ def group_summary(board: Leaderboard, by: str) -> pd.DataFrame:
 
 # --- rendering -------------------------------------------------------------------------------------------
 
-FORMULA = ("z = (m - mean over entries) / std over entries, per setting (task x dataset x mode) on the "
-           "seed-averaged primary metric m; task score = mean z over the task's settings; score = mean of task "
+FORMULA = ("z = (m - mean over entries) / std over entries, per setting (task type x dataset x mode x metric) "
+           "on the seed-averaged metric m; task score = mean z over the task type's settings; score = mean of task "
            "scores. Ranked: entries covering every setting.")
 HEADERS = {"rank": "rank", KEY: "entry", "params_m": "params (M)", "gmacs": "GMACs", "score": "score (z)",
            "infer_samples_per_sec": "inference (img/s)", "infer_peak_mem_mb": "inference peak memory (MiB)",

@@ -75,3 +75,38 @@ def test_views_and_bad_arguments() -> None:
         ShapesDataset(split="dev", length=1, view="classification", **KW)
     with pytest.raises(IndexError):
         det[1]
+
+
+def test_default_style_is_unchanged_by_the_sketch_style() -> None:
+    """Every label and pixel of the default style as before the sketch style existed (hash of 36 scenes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for split in range(3):
+        for i in range(12):
+            s = render_scene(np.random.default_rng((0, split, i)), size=64)
+            for a in (s.image, s.boxes, s.labels, s.masks, s.semantic, np.array([s.label])):
+                h.update(np.ascontiguousarray(a).tobytes())
+    assert h.hexdigest() == "a387f54ac80c951676ec4be4ac44ea19ad5504cfe7c2821a3a64421cc1d407f7"
+
+
+def test_sketch_style_draws_outlines_and_is_the_ood_test_set() -> None:
+    from arena.data.shapes import _outline
+
+    square = np.zeros((12, 12), bool)
+    square[1:11, 1:11] = True
+    ring = _outline(square, 2)
+    assert ring.sum() == 100 - 36 and not ring[3:9, 3:9].any() and ring[1, 1] and ring[10, 5]
+    rng = lambda: np.random.default_rng((0, 2, 5))  # noqa: E731
+    sketch = render_scene(rng(), size=64, style="sketch")
+    default = render_scene(rng(), size=64)
+    assert sketch.image.shape == default.image.shape and not np.array_equal(sketch.image, default.image)
+    box_area = np.prod(sketch.boxes[:, 2:] - sketch.boxes[:, :2], axis=1).sum()
+    assert 0 < sketch.masks.sum() < 0.6 * box_area  # outlines cover a fraction of their boxes
+    dm = ShapesDataModule(task="classification", num_test=8, ood_tests=["sketch"])
+    assert dm.test_splits == ["test", "ood/sketch"] and dm.make_dataset("ood/sketch").style == "sketch"
+    assert ShapesDataModule(task="segmentation", ood_tests=["sketch"]).test_splits == ["test"]
+    with pytest.raises(ValueError, match="styles"):
+        ShapesDataModule(task="classification", ood_tests=["cartoon"])
+    with pytest.raises(ValueError, match="unknown shapes style"):
+        render_scene(rng(), style="cartoon")

@@ -62,10 +62,17 @@ def detection_collate(batch: list[tuple[torch.Tensor, Any]]) -> tuple[list[torch
 
 
 class ArenaDataModule(L.LightningDataModule):
-    """Base datamodule: subclasses set ``num_classes``, ``class_names`` and implement ``make_dataset``."""
+    """Base datamodule: subclasses set ``num_classes``, ``class_names`` and implement ``make_dataset``.
+
+    ``test_splits`` are the test sets in dataloader order: ``test``, then extra ones with the same
+    classes (``ood/<name>``); ``has_split`` says which further splits a probe can read with
+    ``eval_loader`` (``bank``: the training split without augmentation; ``gallery``).
+    """
 
     num_classes: int
     class_names: list[str]
+    test_splits: list[str]
+    checked_splits: tuple[str, ...] = SPLITS  # built and checked at setup
 
     def __init__(self, *, task: str, tasks: Sequence[str], batch_size: int = 64, num_workers: int = 0,
                  data_config: dict[str, Any] | None = None, name: str | None = None, verify: str = "header") -> None:
@@ -86,6 +93,7 @@ class ArenaDataModule(L.LightningDataModule):
         self.data_check = DataCheck(verify=verify, workers=num_workers)
         self.checked = False
         self.datasets: dict[str, Dataset] = {}
+        self.test_splits = ["test"]
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -107,7 +115,7 @@ class ArenaDataModule(L.LightningDataModule):
         """Build every split and check its files, once, so bad data fails before any step runs (whatever ``stage``)."""
         if self.checked:
             return
-        for split in SPLITS:
+        for split in self.checked_splits:
             if split not in self.datasets:
                 self.datasets[split] = self.make_dataset(split)
         self.check_data(self.data_check)
@@ -116,6 +124,8 @@ class ArenaDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
+        if split not in self.datasets:  # a split outside checked_splits (OOD set, kNN bank), built when asked for
+            self.datasets[split] = self.make_dataset(split)
         loader_cls = ResumableLoader if shuffle else DataLoader  # a shuffled loader resumes mid-epoch
         return loader_cls(self.datasets[split], batch_size=self.batch_size,
                           num_workers=self.num_workers, collate_fn=self.collate_fn,
@@ -128,5 +138,14 @@ class ArenaDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def has_split(self, split: str) -> bool:
+        """Whether ``make_dataset`` serves ``split`` beyond train, val and the test sets."""
+        return False
+
+    def eval_loader(self, split: str) -> DataLoader:
+        """``split`` in order, with test-time preprocessing."""
+        return self._loader(split, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        loaders = [self.eval_loader(s) for s in self.test_splits]
+        return loaders[0] if len(loaders) == 1 else loaders

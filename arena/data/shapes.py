@@ -15,6 +15,12 @@ shapes within a few hundred CPU steps (ResNet-18 after 150 steps on single objec
 Scenes are a pure function of ``(seed, split, index)``, so every run, worker and machine sees the
 same data, with nothing to download.
 
+A second style, ``sketch``, is the built-in distribution shift (the OOD test set of a
+classification run, ``data.ood_tests=[sketch]``): the same kinds of scene with every object drawn
+as its outline only (``SKETCH_LINE`` pixels per 64 of image side) on a different background, a
+strongly tinted paper-like gradient with fine grain instead of stripes. Labels keep their
+meaning (masks and boxes cover the drawn outlines). The default style is unchanged by it.
+
 >>> s = render_scene(np.random.default_rng(0), size=64)
 >>> s.image.shape, s.semantic.shape, int(s.semantic.max()) <= len(CLASSES)
 ((64, 64, 3), (64, 64), True)
@@ -22,7 +28,7 @@ same data, with nothing to download.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +41,9 @@ MIN_VISIBLE_FRACTION = 0.004  # of the image area, below which an occluded insta
 CONTRAST = 150.0  # least grey-level step from the background to an object
 CHROMA = 30.0  # std of the colour tint around a grey level
 TEXTURE = 30.0  # std of the colour step between the two background stripes
+STYLES = ("default", "sketch")
+SKETCH_TINT = 60.0  # std of the sketch background's colour around its grey level
+SKETCH_LINE = 2.0  # outline width of sketch objects, in pixels per 64 pixels of image side
 
 
 @dataclass
@@ -82,17 +91,41 @@ def _background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndar
     return img + rng.normal(0, rng.uniform(2, 12), img.shape)
 
 
+def _paper(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray, level: float) -> np.ndarray:
+    """The sketch style's background: a linear gradient between two strong tints of grey ``level``, fine grain."""
+    c0 = level + rng.normal(0, SKETCH_TINT, 3)
+    c1 = level + rng.normal(0, SKETCH_TINT, 3)
+    theta = rng.uniform(0, 2 * np.pi)
+    t = ((xx * np.cos(theta) + yy * np.sin(theta)) / size * 0.5 + 0.5).clip(0, 1)
+    img = c0 * t[..., None] + c1 * (1 - t[..., None])
+    return img + rng.normal(0, 4, img.shape)
+
+
+def _outline(mask: np.ndarray, width: int) -> np.ndarray:
+    """The pixels of ``mask`` within ``width`` pixels of its border (mask minus its erosion)."""
+    h, w = mask.shape
+    padded = np.pad(mask, width, constant_values=False)
+    inner = mask.copy()
+    for dy in range(2 * width + 1):
+        for dx in range(2 * width + 1):
+            inner &= padded[dy:dy + h, dx:dx + w]
+    return mask & ~inner
+
+
 def render_scene(rng: np.random.Generator, *, size: int = 64, max_distractors: int = 3,
-                 distractor_scale: tuple[float, float] = (0.08, 0.5)) -> Scene:
+                 distractor_scale: tuple[float, float] = (0.08, 0.5), style: str = "default") -> Scene:
     """Draw one scene; see the module docstring for what it contains.
 
     Distractor radii are drawn from ``distractor_scale`` times the main object's radius. Objects
     stand out by brightness: on a dark background they are bright, on a bright one dark, each
-    at least ``CONTRAST`` grey levels away, with their own tint.
+    at least ``CONTRAST`` grey levels away, with their own tint. ``style="sketch"`` draws the
+    outlines of the objects on a tinted gradient instead.
     """
+    if style not in STYLES:
+        raise ValueError(f"unknown shapes style {style!r}; styles are {STYLES}")
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     level = rng.uniform(0, 255)
-    img = _background(rng, size, yy, xx, level)
+    img = _background(rng, size, yy, xx, level) if style == "default" else _paper(rng, size, yy, xx, level)
     polarity = 1.0 if level < 127.5 else -1.0
     n = 1 + int(rng.integers(1, max_distractors + 1))
     main_r = rng.uniform(0.17, 0.30) * size
@@ -106,6 +139,8 @@ def render_scene(rng: np.random.Generator, *, size: int = 64, max_distractors: i
         dx, dy = xx - cx, yy - cy
         u, v = dx * np.cos(rot) + dy * np.sin(rot), -dx * np.sin(rot) + dy * np.cos(rot)
         shape = _inside(CLASSES[classes[i]], u, v, r)
+        if style == "sketch":
+            shape = _outline(shape, max(1, round(SKETCH_LINE * size / 64)))
         grey = np.clip(level + polarity * rng.uniform(CONTRAST, 255), 0, 255)
         colour = grey + rng.normal(0, CHROMA, 3) + rng.normal(0, 6, (size, size, 3))
         img = np.where(shape[..., None], colour, img)
@@ -136,20 +171,23 @@ class ShapesDataset(torch.utils.data.Dataset):
     With ``fresh=True`` (the training split by default) every item is a new scene drawn with
     torch's RNG (seeded per run and worker by Lightning), so no scene is seen twice and a model
     cannot memorize the training set; otherwise scenes are fixed by index and kept in memory
-    (``cache=True``).
+    (``cache=True``). ``style`` picks the drawing style (``STYLES``).
     """
 
     VIEWS = ("classification", "detection", "segmentation")
 
     def __init__(self, *, split: str, length: int, image_size: int, view: str, seed: int = 0,
                  mean: tuple[float, ...], std: tuple[float, ...], hflip: bool = False, cache: bool = True,
-                 fresh: bool = False) -> None:
+                 fresh: bool = False, style: str = "default") -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
         if view not in self.VIEWS:
             raise ValueError(f"shapes serves the tasks {self.VIEWS}, got {view!r}")
         if image_size < 32:
             raise ValueError(f"shapes needs image_size >= 32, got {image_size}")
+        if style not in STYLES:
+            raise ValueError(f"unknown shapes style {style!r}; styles are {STYLES}")
+        self.style = style
         self.split, self.length, self.size, self.view = split, length, image_size, view
         self.seed, self.mean, self.std, self.hflip = seed, mean, std, hflip
         self.fresh = fresh
@@ -161,7 +199,8 @@ class ShapesDataset(torch.utils.data.Dataset):
     def scene(self, index: int) -> Scene:
         if self.cache is not None and index in self.cache:
             return self.cache[index]
-        s = render_scene(np.random.default_rng((self.seed, SPLITS[self.split], index)), size=self.size)
+        s = render_scene(np.random.default_rng((self.seed, SPLITS[self.split], index)), size=self.size,
+                         style=self.style)
         if self.cache is not None:
             self.cache[index] = s
         return s
@@ -188,28 +227,48 @@ class ShapesDataset(torch.utils.data.Dataset):
 
 
 class ShapesDataModule(ArenaDataModule):
-    """The embedded default data: generated on the fly, identical for a given seed."""
+    """The embedded default data: generated on the fly, identical for a given seed.
+
+    Retrieval uses the classification labels (class = identity). A classification run also tests
+    on each style in ``ood_tests`` (``num_test`` scenes drawn in that style, test set
+    ``ood/<style>``); kNN reads the fixed (non-fresh, unflipped) training scenes as ``bank``.
+    """
 
     def __init__(self, *, task: str, image_size: int = 64, num_train: int = 4000, num_val: int = 500,
                  num_test: int = 1000, seed: int = 0, hflip: bool = True, fresh_train: bool = True,
-                 **kwargs: Any) -> None:
-        super().__init__(task=task, tasks=ShapesDataset.VIEWS, **kwargs)
+                 ood_tests: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(task=task, tasks=(*ShapesDataset.VIEWS, "retrieval"), **kwargs)
+        shifts = [s for s in STYLES if s != "default"]
+        bad = [s for s in ood_tests if s not in shifts]
+        if bad:
+            raise ValueError(f"data.ood_tests names shapes styles; {bad} are not among {shifts}. "
+                             f"Set e.g. data.ood_tests=[{shifts[0]}], or [] for none")
         self.image_size_ = image_size
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.seed, self.hflip, self.fresh_train = seed, hflip, fresh_train
+        self.view = "classification" if task == "retrieval" else task
         self.class_names = list(CLASSES)
         if task == "segmentation":
             self.class_names = ["background", *CLASSES]
         self.num_classes = len(self.class_names) if task != "detection" else len(CLASSES) + 1
+        if task == "classification":
+            self.test_splits += [f"ood/{style}" for style in ood_tests]
 
     @property
     def image_size(self) -> tuple[int, int]:
         return (self.image_size_, self.image_size_)
 
+    def has_split(self, split: str) -> bool:
+        return split == "bank" or split in self.test_splits
+
     def make_dataset(self, split: str) -> ShapesDataset:
-        return ShapesDataset(split=split, length=self.sizes[split], image_size=self.image_size_, view=self.task,
-                             seed=self.seed, mean=self.mean, std=self.std, hflip=self.hflip and split == "train",
-                             fresh=self.fresh_train and split == "train")
+        common = dict(image_size=self.image_size_, view=self.view, seed=self.seed, mean=self.mean, std=self.std)
+        if split == "bank":
+            return ShapesDataset(split="train", length=self.sizes["train"], cache=False, **common)
+        if split.startswith("ood/"):
+            return ShapesDataset(split="test", length=self.sizes["test"], style=split[len("ood/"):], **common)
+        return ShapesDataset(split=split, length=self.sizes[split], hflip=self.hflip and split == "train",
+                             fresh=self.fresh_train and split == "train", **common)
 
     @property
     def collate_fn(self) -> Callable | None:

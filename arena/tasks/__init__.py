@@ -2,6 +2,7 @@
 from .base import MODES, TaskModule
 from .classification import ClassificationTask
 from .detection import DetectionTask
+from .retrieval import KNNTask, RetrievalTask
 from .segmentation import SegmentationTask
 
-__all__ = ["MODES", "TaskModule", "ClassificationTask", "SegmentationTask", "DetectionTask"]
+__all__ = ["MODES", "TaskModule", "ClassificationTask", "SegmentationTask", "DetectionTask", "RetrievalTask", "KNNTask"]

@@ -35,6 +35,7 @@ class TaskModule(L.LightningModule):
     reads_embed: bool = True  # True: the task reads only embed(); False: only feature levels
     arena_config: dict[str, Any] | None = None  # the run's resolved config, saved in checkpoints
     arena_overrides: list[str] | None = None  # its command-line overrides, so eval.py can recompose it
+    trains: bool = True  # False: a training-free probe, which train.py only tests
 
     def __init__(self, *, backbone: Backbone, mode: str = "fine_tune", optimizer: str = "adamw", lr: float = 1e-3,
                  weight_decay: float = 0.05, layer_decay: float | None = None, warmup_epochs: float = 1.0,
@@ -123,6 +124,11 @@ class TaskModule(L.LightningModule):
     def save_pictures(self, datamodule: Any, out_dir: Any, num: int) -> list[Any]:
         """Draw ``num`` test images with predictions and truth into ``out_dir`` (dense tasks)."""
         raise ValueError(f"task {self.name!r} draws no pictures; save_images works for detection and segmentation")
+
+    def test_split_names(self) -> list[str]:
+        """The datamodule's test sets in dataloader order: ``test``, then any ``ood/<name>``."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        return list(getattr(datamodule, "test_splits", None) or ["test"])
 
     def test_metrics(self) -> dict[str, float]:
         """The task's test metrics for the run record, read from what ``test`` logged."""

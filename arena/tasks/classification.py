@@ -1,6 +1,11 @@
-"""Image classification: fine-tune or linear probe, top-1/top-5 through torchmetrics."""
+"""Image classification: fine-tune or linear probe, top-1/top-5 through torchmetrics.
+
+Extra test sets of the data with the same classes (OOD sets, ``ood/<name>``) are scored like the
+test set and recorded as ``ood/<name>/acc1``, ``ood/<name>/acc5`` and ``ood/<name>/loss``.
+"""
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -36,8 +41,9 @@ class ClassificationTask(TaskModule):
         self.label_smoothing = label_smoothing
         top5 = min(5, num_classes)
         self.metrics = torch.nn.ModuleDict({
-            f"{stage}_{k}": MulticlassAccuracy(num_classes=num_classes, top_k=t, average="micro")
-            for stage in ("val", "test") for k, t in (("acc1", 1), ("acc5", top5))
+            stage: torch.nn.ModuleDict({k: MulticlassAccuracy(num_classes=num_classes, top_k=t, average="micro")
+                                        for k, t in (("acc1", 1), ("acc5", top5))})
+            for stage in ("val", "test")
         })
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,19 +62,30 @@ class ClassificationTask(TaskModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
         return loss
 
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str, metrics: str) -> None:
+        """Loss and accuracies logged as ``<prefix>/<name>``; ``metrics`` is the path of their ModuleDict."""
         x, y = batch
         if int(y.max()) >= self.num_classes:
             raise ValueError(f"label {int(y.max())} out of range for num_classes={self.num_classes}")
         logits = self(x)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), batch_size=len(y))
+        self.log(f"{prefix}/loss", F.cross_entropy(logits, y), batch_size=len(y), add_dataloader_idx=False)
         for k in ("acc1", "acc5"):
-            m = self.metrics[f"{stage}_{k}"]
-            m.update(logits, y)
-            self.log(f"{stage}/{k}", m, prog_bar=k == "acc1", batch_size=len(y))
+            metric = self.get_submodule(f"{metrics}.{k}")
+            metric.update(logits, y)
+            self.log(f"{prefix}/{k}", metric, prog_bar=k == "acc1", batch_size=len(y), add_dataloader_idx=False,
+                     metric_attribute=f"{metrics}.{k}")
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        self._eval_step(batch, "val", "metrics.val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def on_test_start(self) -> None:
+        """One pair of accuracy metrics per OOD test set of the datamodule."""
+        self.ood_metrics = torch.nn.ModuleDict({split.replace("/", "_"): copy.deepcopy(self.metrics["test"])
+                                                for split in self.test_split_names()[1:]})
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx == 0:
+            self._eval_step(batch, "test", "metrics.test")
+        else:
+            split = self.test_split_names()[dataloader_idx]
+            self._eval_step(batch, f"test/{split}", f"ood_metrics.{split.replace('/', '_')}")
