@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 LAST_CKPT = "last.ckpt"
 # what a checkpoint may set in the config it is recomposed from: choices of these config groups ...
-TRAINED_GROUPS = ("backbone", "task", "data", "experiment")
+TRAINED_GROUPS = ("backbone", "task", "data", "experiment", "bob_setting", "weights")
 # ... keys under these roots (none of whose parts starts with "_", so no _target_, _partial_, _args_) ...
 TRAINED_ROOTS = ("backbone", "task", "data", "seed")
 # ... and the trainer keys that change what is computed
