@@ -8,7 +8,7 @@ Every cell of a multirun goes through ``run_cell``: a cell whose record is compl
 same config hash is skipped; a cell killed mid-training resumes from its ``last.ckpt`` when that
 checkpoint was made by the same config; any exception is caught and written as a ``failed``
 record carrying the exception text, so one bad cell never stops the others. ``experiment=battle``
-puts each cell in a deterministic directory, ``<battle dir>/<task>/<data>/<mode>/<backbone>/seed<k>``,
+puts each cell in a deterministic directory, ``<battle dir>/<task>/<data>/<mode>/<entry>/seed<k>``,
 which is how a re-run finds it, and a cell directory outside the battle directory is refused.
 ``BattleCallback`` locks the battle directory while the multirun runs (``BattleLock``), then prints
 the tally, lists unreadable records, writes the leaderboard into ``<battle dir>/leaderboard`` and
