@@ -42,5 +42,5 @@ def test_task_data_pair_fast_dev_run(make_cfg, tmp_path: Path, task: str, data: 
 def test_every_task_is_served_by_shapes(make_cfg) -> None:
     for task in TASKS:
         cfg = make_cfg(f"task={task}")
-        dm = instantiate(cfg.data, task=task, data_config={})
+        dm = instantiate(cfg.data, task=cfg.task.name, data_config={})
         assert dm.num_classes >= 2

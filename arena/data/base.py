@@ -126,11 +126,15 @@ class ArenaDataModule(L.LightningDataModule):
         self.setup()
         if split not in self.datasets:  # a split outside checked_splits (OOD set, kNN bank), built when asked for
             self.datasets[split] = self.make_dataset(split)
-        loader_cls = ResumableLoader if shuffle else DataLoader  # a shuffled loader resumes mid-epoch
-        return loader_cls(self.datasets[split], batch_size=self.batch_size,
-                          num_workers=self.num_workers, collate_fn=self.collate_fn,
-                          persistent_workers=self.num_workers > 0, drop_last=shuffle and self.task != "detection"
-                          and len(self.datasets[split]) > self.batch_size)
+        # a shuffled loader resumes mid-epoch on one device; under DDP Lightning puts its own
+        # DistributedSampler into a plain loader, whose position within an epoch is not restored
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        kwargs = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate_fn,
+                      persistent_workers=self.num_workers > 0,
+                      drop_last=shuffle and self.task != "detection" and len(self.datasets[split]) > self.batch_size)
+        if shuffle and not distributed:
+            return ResumableLoader(self.datasets[split], **kwargs)
+        return DataLoader(self.datasets[split], shuffle=shuffle, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
