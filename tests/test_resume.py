@@ -56,7 +56,6 @@ def _train_py(*args: str, **popen) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, **popen)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
 def test_interrupted_run_resumes_to_the_same_result(reference: dict, tmp_path: Path, sig: signal.Signals) -> None:
     run_dir, flag = tmp_path / "run", tmp_path / "held"
