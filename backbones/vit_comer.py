@@ -245,7 +245,7 @@ class SpatialPyramid(nn.Module):
         c2 = self.conv2(c1)
         c3 = self.conv3(c2)
         c4 = self.conv4(c3)
-        return [self.fc1(c1), self.fc2(c2), self.fc3(c3), self.fc4(c4)]
+        return [self.fc1(c1) if self.fc1 is not None else None, self.fc2(c2), self.fc3(c3), self.fc4(c4)]
 
 
 class ViTCoMer(Backbone):
@@ -360,13 +360,22 @@ class ViTCoMer(Backbone):
             x, c = layer(x, c, self.blocks[first:last + 1], ref, h, w)
             vit_maps.append(x.transpose(1, 2).reshape(x.shape[0], -1, h, w))
         c2, c3, c4 = _split_levels(c, h, w)
-        c1 = self.up(c2) + c1
         v1, v2, v3, v4 = vit_maps
-        c1 = c1 + F.interpolate(v1, scale_factor=4, mode="bilinear", align_corners=False)
+        stride4 = None  # the stride-4 branch, gone when pruned to coarser levels
+        if self.up is not None:
+            c1 = self.up(c2) + c1 + F.interpolate(v1, scale_factor=4, mode="bilinear", align_corners=False)
+            stride4 = self.norm1(c1)
         c2 = c2 + F.interpolate(v2, scale_factor=2, mode="bilinear", align_corners=False)
         c3 = c3 + v3
         c4 = c4 + F.interpolate(v4, scale_factor=0.5, mode="bilinear", align_corners=False)
-        return [self.norm1(c1), self.norm2(c2), self.norm3(c3), self.norm4(c4)]
+        return [stride4, self.norm2(c2), self.norm3(c3), self.norm4(c4)]
+
+    def _drop_embed_modules(self) -> None:
+        """The pooled head, and the stride-4 branch when no head reads stride 4: under DDP every
+        remaining parameter must get a gradient."""
+        super()._drop_embed_modules()
+        if 0 not in self.out_indices:
+            self.spm.fc1 = self.up = self.norm1 = None
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input_size(x.shape[-2], x.shape[-1])

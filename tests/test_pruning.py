@@ -39,6 +39,15 @@ def test_pruned_backbone_trains_every_parameter_and_refuses_embed(name: str) -> 
         backbone.embed(x)
 
 
+@pytest.mark.parametrize("name", [n for n in TINY if len(create_backbone(n).all_feature_info) > 1])
+def test_pruned_to_coarser_levels_every_parameter_still_trains(name: str) -> None:
+    """FCOS and RetinaNet read strides 8-32 only: nothing that feeds only stride 4 may stay (DDP)."""
+    levels = tuple(range(1, len(create_backbone(name).all_feature_info)))
+    backbone = create_backbone(name, out_indices=levels).prune_to_features()
+    sum(f.sum() for f in backbone(_input(backbone))).backward()
+    assert _unused(backbone) == []
+
+
 @pytest.mark.parametrize("name", ["vit_test", "vim_test"])
 def test_pyramid_prunes_the_scales_a_head_does_not_read(name: str) -> None:
     pyramid = as_pyramid(create_backbone(name), strides=(8, 16, 32)).prune_to_features()
