@@ -381,8 +381,13 @@ class SimpleFeaturePyramid(Backbone):
 
 
 def as_pyramid(backbone: Backbone, strides: Sequence[int] = DENSE_STRIDES) -> Backbone:
-    """What a dense head asks for: the backbone itself if it has several levels, else a simple pyramid."""
+    """What a dense head asks for: the backbone itself if it has several levels (returning only those
+    at ``strides``, when it has them, so nothing is computed for a level no head reads), else a
+    simple pyramid."""
     if len(backbone.feature_info) > 1:
+        read = tuple(i for i in backbone.out_indices if backbone.all_feature_info.strides[i] in strides)
+        if read and read != backbone.out_indices:
+            backbone.set_out_indices(read)
         return backbone
     pyr = SimpleFeaturePyramid(backbone)
     pyr.set_out_indices([DENSE_STRIDES.index(s) for s in strides])
