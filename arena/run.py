@@ -39,7 +39,7 @@ from backbones import Backbone
 from .bench import count_flops, count_params
 from .config import resolve_data_config
 from .data.base import ArenaDataModule
-from .records import RECORD_NAME, make_record, write_record
+from .records import RECORD_NAME, atomic_path, make_record, write_record
 from .scaling import check_launch, resolve_sync_batchnorm, single_test_trainer
 from .tasks.base import TaskModule
 
@@ -222,17 +222,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
                         ) -> dict[str, Any]:
