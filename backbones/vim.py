@@ -98,7 +98,7 @@ class BiMamba(nn.Module):
         Returns [B, d_inner, L] (a view of time-major memory)."""
         x, z = xz.split(self.d_inner, dim=-1)
         conv = getattr(self, "conv1d" + suffix)
-        u = F.silu(depthwise_conv_tokens(F.pad(x, (0, 0, conv.kernel_size[0] - 1, 0)), conv.weight[:, 0], conv.bias))
+        u = F.silu(depthwise_conv_tokens(x, conv.weight[:, 0], conv.bias, pad=conv.kernel_size[0] - 1))
         dt, B, C, A, D, dt_bias = self._ssm_inputs(u, suffix)
         return selective_scan(u.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D,
                               z=z.transpose(1, 2), delta_bias=dt_bias, delta_softplus=True)
@@ -108,20 +108,22 @@ class BiMamba(nn.Module):
         y = (self._scan(xz, "") + self._scan(xz.flip(1), "_b").flip(-1)) / 2
         return self.out_proj(y.transpose(1, 2))
 
-    def _scan_tokens(self, lib, xp: torch.Tensor, suffix: str, h: torch.Tensor, out: torch.Tensor | None = None
-                     ) -> torch.Tensor:
-        """One direction on time-major tokens ``xp`` [B, T + d_conv - 1, d_inner] (conv context included).
+    def _scan_tokens(self, lib, x: torch.Tensor, suffix: str, h: torch.Tensor, *, pad: int, length: int,
+                     **scan_kwargs) -> torch.Tensor:
+        """One direction on ``length`` time-major tokens, read from the view ``x`` [B, T, d_inner] in place.
 
-        Forward: the causal conv reads the d_conv - 1 tokens before the block, and the scan runs
-        from ``h``; backward (``_b``): the anti-causal conv reads those after it and the scan runs
-        from the last token to the first. ``h`` is updated to the state leaving the block.
+        Forward: the causal conv reads the d_conv - 1 tokens before the block (``pad`` of them
+        missing at the start of the sequence), and the scan runs from ``h``; backward (``_b``): the
+        anti-causal conv reads those after it (missing ones are zeros) and the scan runs from the
+        last token to the first. ``h`` is updated to the state leaving the block; ``scan_kwargs``
+        go to ``scan_cpu.scan`` (``out``, ``z``, ``accumulate``).
         """
         conv = getattr(self, "conv1d" + suffix)
         weight = conv.weight[:, 0] if suffix == "" else conv.weight[:, 0].flip(-1)  # [d_inner, d_conv]
-        u = F.silu(depthwise_conv_tokens(xp, weight, conv.bias))
+        u = scan_cpu.token_conv(lib, x, weight, conv.bias, pad=pad, length=length, silu=True)
         dt, B, C, A, D, dt_bias = self._ssm_inputs(u, suffix)
         return scan_cpu.scan(lib, u, dt, A, B[:, :, None], C[:, :, None], h, D=D, delta_bias=dt_bias,
-                             delta_softplus=True, reverse=suffix == "_b", out=out)
+                             delta_softplus=True, reverse=suffix == "_b", **scan_kwargs)
 
     def stream_(self, lib, residual: torch.Tensor, norm: nn.Module) -> None:
         """``residual += forward(norm(residual))`` in inference mode, ``STREAM_BLOCK`` tokens at a time.
@@ -129,7 +131,8 @@ class BiMamba(nn.Module):
         The forward direction runs first over the blocks and keeps its (gate-free) scan output;
         the backward direction then runs from the last block to the first, recomputing each
         block's input projection (but the last one's, which the forward direction keeps whole),
-        and adds the block's result to the residual stream in place.
+        adds the forward output and gates the sum in the same pass, and the block's result goes
+        into the residual stream in place.
         The raw residual of the d_conv - 1 tokens after a block (its backward conv context) is
         kept aside before those tokens are updated.
         """
@@ -143,8 +146,8 @@ class BiMamba(nn.Module):
             lo = max(t0 - ctx, 0)
             # the last block's whole projection is kept: the backward direction starts there
             proj = F.linear(norm(residual[:, lo:t1]), self.in_proj.weight if t1 == L else w_x)
-            xp = F.pad(proj[..., :self.d_inner], (0, 0, ctx - (t0 - lo), 0))
-            self._scan_tokens(lib, xp, "", h, out=forward[:, t0:t1])
+            self._scan_tokens(lib, proj[..., :self.d_inner], "", h, pad=ctx - (t0 - lo), length=t1 - t0,
+                              out=forward[:, t0:t1])
         last_xz = proj[:, t0 - lo:]
         h.zero_()
         after = residual[:, L:]  # raw residual of the (up to ctx) tokens after the block
@@ -152,9 +155,9 @@ class BiMamba(nn.Module):
             rows = torch.cat([residual[:, t0:t1], after], dim=1)
             after = rows[:, :ctx].clone()
             xz = last_xz if t1 == L else F.linear(norm(rows), self.in_proj.weight)
-            xp = F.pad(xz[..., :self.d_inner], (0, 0, 0, ctx - (rows.shape[1] - (t1 - t0))))
-            y = self._scan_tokens(lib, xp, "_b", h).add_(forward[:, t0:t1]).mul_(F.silu(xz[:, :t1 - t0, self.d_inner:]))
-            residual[:, t0:t1] += F.linear(y.mul_(0.5), self.out_proj.weight)
+            y = self._scan_tokens(lib, xz[..., :self.d_inner], "_b", h, pad=0, length=t1 - t0,
+                                  z=xz[:, :t1 - t0, self.d_inner:], out=forward[:, t0:t1], accumulate=True)
+            residual[:, t0:t1].add_(F.linear(y, self.out_proj.weight), alpha=0.5)
 
 
 class VimBlock(nn.Module):

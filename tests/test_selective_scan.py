@@ -198,6 +198,33 @@ def test_fused_kernel_state_carry_reverse_and_strided_views(scan_kernel):
     assert _rel(out.transpose(1, 2), y_ref) < 1e-5
 
 
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the fused kernel")
+def test_fused_conv_silu_and_gated_sum_of_two_directions(scan_kernel):
+    """Vim's streamed inference pieces: conv + SiLU with zeros past both ends, and a reverse scan that
+    adds the forward one's output and gates the sum in the same pass."""
+    if scan_kernel == "torch":
+        pytest.skip("the fused kernel is off")
+    lib = scan_cpu.kernel()
+    g = torch.Generator().manual_seed(3)
+    x, w, bias = torch.randn(2, 11, 2 * 37, generator=g)[..., 37:], torch.randn(37, 4, generator=g), torch.randn(37)
+    for pad, length in ((3, 11), (0, 11), (1, 13)):
+        want = F.silu(F.conv1d(F.pad(x.transpose(1, 2), (pad, length + 3 - pad - 11)), w[:, None], bias, groups=37))
+        got = scan_cpu.token_conv(lib, x, w, bias, pad=pad, length=length, silu=True)
+        assert got.shape == (2, length, 37)
+        assert _rel(got.transpose(1, 2), want) < 1e-6, (pad, length)
+    b, d, l, n = 2, 37, 29, 5
+    inputs = _inputs(b, d, l, n)
+    tm = _time_major(inputs)
+    ungated = {**tm, "z": None}
+    fwd = scan_cpu.scan(lib, **ungated, h=torch.zeros(b, n, d), delta_softplus=True)
+    bwd = scan_cpu.scan(lib, **ungated, h=torch.zeros(b, n, d), delta_softplus=True, reverse=True)
+    out = fwd.clone()
+    scan_cpu.scan(lib, **tm, h=torch.zeros(b, n, d), delta_softplus=True, reverse=True, out=out, accumulate=True)
+    assert _rel(out, (fwd + bwd) * F.silu(tm["z"])) < 1e-6
+    with pytest.raises(ValueError, match="pass the tensor to add to as out"):
+        scan_cpu.scan(lib, **tm, h=torch.zeros(b, n, d), accumulate=True)
+
+
 def test_fused_kernel_math_at_the_extremes():
     """The kernel's own exp and softplus through the scan: steps from softplus(-100) to 80, decays to exp(-2400)."""
     lib = scan_cpu.kernel()

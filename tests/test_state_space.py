@@ -273,31 +273,39 @@ def test_vim_mixer_matches_conv1d_and_the_sequential_scan():
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_depthwise_conv_tokens_matches_conv1d_and_counts_its_flops():
+@pytest.mark.parametrize("kernel", ["auto", "torch"])
+def test_depthwise_conv_tokens_matches_conv1d_and_counts_its_flops(monkeypatch, kernel):
+    """Every padding, a strided input view, 37 channels (two vectors and a partial one), C kernels and PyTorch."""
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
     from backbones.ops.token_conv import depthwise_conv_tokens
 
+    monkeypatch.setenv("ARENA_SCAN_KERNEL", kernel)
     g = torch.Generator().manual_seed(0)
-    xp, w, b = torch.randn(2, 9 + 3, 6, generator=g), torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
-    grads = []
-    for fn in (depthwise_conv_tokens,
-               lambda x, w, b: F.conv1d(x.transpose(1, 2), w[:, None], b, groups=6).transpose(1, 2)):
-        leaves = [t.clone().requires_grad_(True) for t in (xp, w, b)]
-        y = fn(*leaves)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        grads.append([y.detach()] + [t.grad for t in leaves])
-    for got, want in zip(*grads):
-        assert torch.allclose(got, want, atol=1e-5)
+    c = 37
+    wide, w, b = torch.randn(2, 9, 2 * c, generator=g), torch.randn(c, 4, generator=g), torch.randn(c, generator=g)
+    for pad in range(4):
+        grads = []
+        for fn in (lambda x, w, b: depthwise_conv_tokens(x, w, b, pad=pad),
+                   lambda x, w, b: F.conv1d(F.pad(x.transpose(1, 2), (pad, 0)), w[:, None], b, groups=c).transpose(1, 2)):
+            leaves = [t.clone().requires_grad_(True) for t in (wide, w, b)]
+            y = fn(leaves[0][..., c:], *leaves[1:])  # channels contiguous, tokens strided
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            grads.append([y.detach()] + [t.grad for t in leaves])
+        for got, want in zip(*grads):
+            assert torch.allclose(got, want, atol=1e-5), pad
+    x = wide[..., :c]
     with FlopCounterMode(display=False) as counter:
-        depthwise_conv_tokens(xp, w, b)
-    assert counter.get_total_flops() == 2 * 2 * 9 * 6 * 4
-    assert depthwise_conv_tokens(xp.to("meta"), w.to("meta"), b.to("meta")).shape == (2, 9, 6)
-    with pytest.raises(ValueError, match="at least k=4 tokens"):
-        depthwise_conv_tokens(xp[:, :3], w, b)
+        depthwise_conv_tokens(x, w, b, pad=3)
+    assert counter.get_total_flops() == 2 * 2 * 9 * c * 4
+    assert depthwise_conv_tokens(x.to("meta"), w.to("meta"), b.to("meta"), pad=1).shape == (2, 7, c)
+    with pytest.raises(ValueError, match="at least k - pad tokens"):
+        depthwise_conv_tokens(x[:, :2], w, b)
+    with pytest.raises(ValueError, match=r"pad must be in \[0, k - 1\]"):
+        depthwise_conv_tokens(x, w, b, pad=4)
     with pytest.raises(ValueError, match=r"weight \[C, k\]"):
-        depthwise_conv_tokens(xp, w[:5], b)
+        depthwise_conv_tokens(x, w[:5], b)
 
 
 def test_vmamba_cross_scan_routes():

@@ -77,7 +77,12 @@ def _load() -> ctypes.CDLL | None:
                       "using the slower pure-PyTorch scan", RuntimeWarning, stacklevel=3)
         return None
     lib.arena_selective_scan.argtypes = ([ctypes.c_void_p] * 10 + [ctypes.POINTER(ctypes.c_long)]
-                                         + [ctypes.c_long] * 5 + [ctypes.c_int] * 2)
+                                         + [ctypes.c_long] * 5 + [ctypes.c_int] * 3)
+    lib.arena_token_conv.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 3
+                                     + [ctypes.c_long] * 6 + [ctypes.c_int] * 2)
+    lib.arena_token_conv_wgrad.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 3
+                                           + [ctypes.c_long] * 6 + [ctypes.c_int])
+    lib.arena_token_conv.restype = lib.arena_token_conv_wgrad.restype = None
     lib.arena_selective_scan_bwd.argtypes = [ctypes.c_void_p] * 17 + [ctypes.c_long] * 5 + [ctypes.c_int] * 2
     lib.arena_selective_scan.restype = lib.arena_selective_scan_bwd.restype = ctypes.c_int
     return lib
@@ -106,13 +111,16 @@ def _rows(t: Tensor, inner: int) -> Tensor:
 
 def scan(lib: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor, *,
          D: Tensor | None = None, z: Tensor | None = None, delta_bias: Tensor | None = None,
-         delta_softplus: bool = False, reverse: bool = False, out: Tensor | None = None) -> Tensor:
+         delta_softplus: bool = False, reverse: bool = False, out: Tensor | None = None,
+         accumulate: bool = False) -> Tensor:
     """The selective scan on time-major CPU tensors: ``u, delta, z`` [b, l, d], ``B, C`` [b, l, g, n], ``A`` [d, n].
 
     ``h`` [b, n, d] (contiguous fp32) is the state entering the scan and is overwritten by the
     last one, so a long sequence can be scanned piece by piece; ``reverse`` scans from the last
     token to the first. Tokens and batches may be strided (views into wider tensors are read in
-    place). Returns fp32 [b, l, d], written into ``out`` when given.
+    place). Returns fp32 [b, l, d], written into ``out`` when given; with ``accumulate`` what
+    ``out`` holds is added to every token's output before the gate ``silu(z)`` (the other
+    direction of a bidirectional scan, summed and gated in the same pass).
     """
     b, l, d = u.shape
     g, n = B.shape[2], B.shape[3]
@@ -120,6 +128,8 @@ def scan(lib: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
         raise ValueError(f"h must be a contiguous fp32 [batch, d_state, channels] = {(b, n, d)} tensor, "
                          f"got {tuple(h.shape)} {h.dtype}")
     if out is None:
+        if accumulate:
+            raise ValueError("accumulate adds to out: pass the tensor to add to as out")
         out = torch.empty(b, l, d)
     elif out.shape != (b, l, d) or out.dtype != torch.float32 or out.stride(-1) != 1:
         raise ValueError(f"out must be fp32 [batch, length, channels] = {(b, l, d)} with contiguous channels, "
@@ -133,9 +143,46 @@ def scan(lib: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
         strides += [0, 0] if t is None else [t.stride(0), -t.stride(1) if reverse else t.stride(1)]
     rc = lib.arena_selective_scan(*pointers[:5], *map(_ptr, vectors),
                                   pointers[5], h.data_ptr(), (ctypes.c_long * 12)(*strides), b, l, d, n, g,
-                                  int(delta_softplus), torch.get_num_threads())
+                                  int(delta_softplus), int(accumulate), torch.get_num_threads())
     _check_rc(rc, n, d, g)
     return out
+
+
+def _conv_input(x: Tensor, k: int) -> tuple[int, int, int]:
+    """``x``'s shape after checking what the conv kernels read: fp32 [b, t, d], contiguous channels, k <= MAX_STATE."""
+    if x.dtype != torch.float32 or x.ndim != 3 or x.stride(2) != 1 or not 0 < k <= MAX_STATE:
+        raise ValueError(f"the fused token conv takes fp32 [b, t, d] inputs with contiguous channels and at most "
+                         f"{MAX_STATE} taps, got {tuple(x.shape)} {x.dtype} (strides {x.stride()}), {k} taps")
+    return x.shape
+
+
+def token_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor, *, pad: int = 0, length: int | None = None,
+               silu: bool = False) -> Tensor:
+    """Mamba's depthwise conv along the tokens of time-major ``x`` [b, t, d], then SiLU when asked, in one pass.
+
+    Output token ``i`` is ``bias + sum_j weight[:, j] * x[:, i + j - pad]`` with ``x`` zero outside
+    its tokens: ``pad`` tokens of zeros before ``x`` and as many after as ``length`` (default
+    ``t + pad - k + 1``: none) needs. ``x`` is read in place (any batch and token strides,
+    contiguous channels), so no padded copy is made. Returns fp32 [b, length, d].
+    """
+    b, t, d = _conv_input(x, weight.shape[-1])
+    k = weight.shape[-1]
+    length = t + pad - k + 1 if length is None else length
+    out = torch.empty(b, length, d)
+    taps, bias = weight.reshape(d, k).float().t().contiguous(), bias.float().contiguous()
+    lib.arena_token_conv(x.data_ptr(), x.stride(0), x.stride(1), taps.data_ptr(), bias.data_ptr(), out.data_ptr(),
+                         b, t, length, d, k, pad, int(silu), torch.get_num_threads())
+    return out
+
+
+def token_conv_wgrad(lib: ctypes.CDLL, x: Tensor, grad: Tensor, *, k: int, pad: int = 0) -> tuple[Tensor, Tensor]:
+    """The gradients of ``token_conv``'s weight [d, k] and bias [d] (no SiLU) from its output's ``grad`` [b, length, d]."""
+    b, t, d = _conv_input(x, k)
+    grad = grad.float().contiguous()
+    taps, bias = torch.empty(k, d), torch.empty(d)
+    lib.arena_token_conv_wgrad(x.data_ptr(), x.stride(0), x.stride(1), grad.data_ptr(), taps.data_ptr(),
+                               bias.data_ptr(), b, t, grad.shape[1], d, k, pad, torch.get_num_threads())
+    return taps.t(), bias
 
 
 def _check_rc(rc: int, n: int, d: int, g: int) -> None:

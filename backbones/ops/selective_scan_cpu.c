@@ -21,7 +21,7 @@
 
 #define W 16      /* channels per block: one AVX-512 register, two AVX2 ones */
 #define NMAX 64   /* largest d_state held in registers / on the stack */
-#define SEG 32    /* tokens whose states the backward recomputes and holds at once */
+#define SEG_BYTES (512 * 1024)  /* the backward's buffer of states and decays: within a core's L2 cache */
 
 /* GCC/Clang vector extensions: the compiler maps them onto the machine's vector width. */
 typedef float vf __attribute__((vector_size(4 * W)));
@@ -29,23 +29,42 @@ typedef int32_t vi __attribute__((vector_size(4 * W)));
 
 static inline vf blend(vi mask, vf yes, vf no) { return (vf)((mask & (vi)yes) | (~mask & (vi)no)); }
 
-/* exp(x) to about 2 ulp for x in [-87.3, 88]; 0 below (where exp is denormal or 0), exp(88) above.
- * Cody-Waite reduction by ln 2 and the Cephes expf polynomial. */
-static inline vf vexp(vf x) {
-    const vf lo = (vf){0} - 87.33654f, hi = (vf){0} + 88.0f;
-    const vi under = x < lo;
-    x = blend(under, lo, blend(x > hi, hi, x));
-    const vf k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* nearest integer (1.5 * 2^23) */
-    const vf r = x - k * 0.693359375f + k * 2.12194440e-4f;
-    vf p = (vf){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    return blend(under, (vf){0}, p * (vf)((__builtin_convertvector(k, vi) + 127) << 23));
+#define LOG2E 1.44269504088896341f
+
+/* 2^f for |f| <= 1/2: a degree-6 polynomial fitted for relative error (1.6 ulp in fp32 arithmetic). */
+static inline vf exp2_poly(vf f) {
+    vf p = (vf){0} + 1.5353357594e-4f;
+    p = p * f + 1.3398877345e-3f;
+    p = p * f + 9.6184378490e-3f;
+    p = p * f + 5.5503323674e-2f;
+    p = p * f + 2.4022647738e-1f;
+    p = p * f + 6.9314718246e-1f;
+    return p * f + 1.0f;
 }
+
+/* 2^x for x in [-126, 127]: 0 below (where it is denormal or 0), 2^127 above. x = k + f with k the
+ * nearest integer, then exp2_poly(f) * 2^k. With AVX-512 the rounding, the scaling by 2^k and the
+ * underflow to 0 are one instruction each (vrndscaleps, masked vscalefps). */
+#if defined(__AVX512F__) && W == 16
+#include <immintrin.h>
+static inline vf vexp2(vf x) {
+    const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+    const __m512 v = _mm512_min_ps((__m512)x, _mm512_set1_ps(127.0f));
+    const __m512 k = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return (vf)_mm512_maskz_scalef_ps(keep, (__m512)exp2_poly((vf)_mm512_sub_ps(v, k)), k);
+}
+#else
+static inline vf vexp2(vf x) {
+    const vi under = x < -126.0f;
+    x = blend(under, (vf){0} - 126.0f, blend(x > 127.0f, (vf){0} + 127.0f, x));
+    const vf k = (x + 12582912.0f) - 12582912.0f; /* nearest integer (1.5 * 2^23) */
+    return blend(under, (vf){0}, exp2_poly(x - k) * (vf)((__builtin_convertvector(k, vi) + 127) << 23));
+}
+#endif
+
+/* exp(x) = 2^(x log2 e): ~2 ulp for |x| <= 1, growing to |x| / 2 ulp (the rounding of x log2 e);
+ * softplus and sigmoid use it where that is far below their own rounding. */
+static inline vf vexp(vf x) { return vexp2(x * LOG2E); }
 
 /* softplus(x) = max(x, 0) + log1p(exp(-|x|)). log(v) for v = 1 + e in [1, 2] by the Cephes logf
  * polynomial, then log1p(e) = log(v) * e / (v - 1), which cancels the rounding of 1 + e. */
@@ -86,6 +105,41 @@ static inline float hsum(vf v) {
     return sum;
 }
 
+/* out[i] = the sum of v[i]'s lanes for i < n. With W = 16 and a compiler that has
+ * __builtin_shufflevector, 16 vectors at a time by a transpose-and-add tree (15 pair steps of two
+ * shuffles and an add, against 16 separate reductions); the rest one by one. */
+#if W == 16 && (defined(__clang__) || __GNUC__ >= 12)
+#define SUM_PAIRS(a, b, ...) (__builtin_shufflevector(a, b, __VA_ARGS__))
+static inline vf lane_sums16(const vf *v) {
+    vf c[8], d[4], e[2];
+    for (int i = 0; i < 8; i++)
+        c[i] = SUM_PAIRS(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + SUM_PAIRS(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; i++)
+        d[i] = SUM_PAIRS(c[2 * i], c[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+             + SUM_PAIRS(c[2 * i], c[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++)
+        e[i] = SUM_PAIRS(d[2 * i], d[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+             + SUM_PAIRS(d[2 * i], d[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return SUM_PAIRS(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + SUM_PAIRS(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+#define LANE_SUMS_AT_ONCE W
+#else
+#define LANE_SUMS_AT_ONCE 0
+#endif
+
+static inline void lane_sums(const vf *v, long n, float *out) {
+    long i = 0;
+#if LANE_SUMS_AT_ONCE
+    for (; i + W <= n; i += W) {
+        const vf sums = lane_sums16(v + i);
+        memcpy(out + i, &sums, sizeof sums);
+    }
+#endif
+    for (; i < n; i++) out[i] = hsum(v[i]);
+}
+
 static inline vf sigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
 
 /* w <= W floats from p into a vector (zeros after them), and back. */
@@ -113,10 +167,10 @@ struct strides { long u, dt, z, b, c, y; };
 /* One block of w <= W channels over the whole sequence; pointers are at (t = 0, first channel). */
 static void scan_block(const float *u, const float *dt, const float *z, const float *B, const float *C,
                        const float *At, const float *D, const float *bias, float *y, float *h, struct strides st,
-                       long len, long dim, long nstate, int softplus, long w) {
-    vf a[NMAX], hs[NMAX];
+                       long len, long dim, long nstate, int softplus, int accumulate, long w) {
+    vf a2[NMAX], hs[NMAX];  /* a2: A in base 2, so each decay is one vexp2 */
     for (long s = 0; s < nstate; s++) {
-        a[s] = load(At + s * dim, w);
+        a2[s] = load(At + s * dim, w) * LOG2E;
         hs[s] = load(h + s * dim, w);
     }
     const vf Dv = D ? load(D, w) : (vf){0}, bv = bias ? load(bias, w) : (vf){0};
@@ -126,9 +180,10 @@ static void scan_block(const float *u, const float *dt, const float *z, const fl
         const vf ut = load(u + t * st.u, w), du = d * ut;
         vf acc = Dv * ut;
         for (long s = 0; s < nstate; s++) {
-            hs[s] = vexp(d * a[s]) * hs[s] + du * Bt[s];
+            hs[s] = vexp2(d * a2[s]) * hs[s] + du * Bt[s];
             acc += Ct[s] * hs[s];
         }
+        if (accumulate) acc += load(y + t * st.y, w);
         if (z) {
             const vf zt = load(z + t * st.z, w);
             acc *= zt * sigmoid(zt);
@@ -139,11 +194,13 @@ static void scan_block(const float *u, const float *dt, const float *z, const fl
 }
 
 /* strides: batch and token strides of u, delta, z, B, C, y, in floats (12 numbers). z, D and bias may be NULL.
+ * With accumulate, what y holds is added to each token's output before the gate (two directions
+ * of one sequence summed and gated in one pass).
  * Returns 0, or 1 when nstate is larger than NMAX or dim is not a multiple of groups. */
 int arena_selective_scan(const float *u, const float *dt, const float *z, const float *B, const float *C,
                          const float *At, const float *D, const float *bias, float *y, float *h,
                          const long *strides, long batch, long len, long dim, long nstate, long groups,
-                         int softplus, int threads) {
+                         int softplus, int accumulate, int threads) {
     if (nstate > NMAX || groups <= 0 || dim % groups) return 1;
     const long dg = dim / groups, per_group = (dg + W - 1) / W, blocks = batch * groups * per_group;
     const struct strides st = {strides[1], strides[3], strides[5], strides[7], strides[9], strides[11]};
@@ -154,45 +211,92 @@ int arena_selective_scan(const float *u, const float *dt, const float *z, const 
         scan_block(u + b * strides[0] + c0, dt + b * strides[2] + c0, z ? z + b * strides[4] + c0 : NULL,
                    B + b * strides[6] + g * nstate, C + b * strides[8] + g * nstate, At + c0, D ? D + c0 : NULL,
                    bias ? bias + c0 : NULL, y + b * strides[10] + c0,
-                   h + b * nstate * dim + c0, st, len, dim, nstate, softplus, w);
+                   h + b * nstate * dim + c0, st, len, dim, nstate, softplus, accumulate, w);
     }
     return 0;
+}
+
+/* Mamba's depthwise conv along the tokens, then SiLU when asked, in one pass:
+ *   out[b, t, c] = act(bias[c] + sum_j w[j, c] * x[b, t + j - pad, c])   (x is 0 outside its len_in tokens)
+ * x [batch, len_in, dim] with any batch and token strides (channels contiguous), w [k, dim] (taps
+ * transposed), out [batch, len, dim] contiguous. Split over (batch, token). */
+void arena_token_conv(const float *x, long batch_stride, long token_stride, const float *wt, const float *bias,
+                      float *out, long batch, long len_in, long len, long dim, long k, long pad, int silu,
+                      int threads) {
+#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
+    for (long b = 0; b < batch; b++)
+        for (long t = 0; t < len; t++) {
+            const long j0 = pad - t > 0 ? pad - t : 0, j1 = len_in + pad - t < k ? len_in + pad - t : k;
+            const float *xb = x + b * batch_stride;
+            float *o = out + (b * len + t) * dim;
+            for (long c = 0; c < dim; c += W) {
+                const long w = dim - c < W ? dim - c : W;
+                vf acc = load(bias + c, w);
+                for (long j = j0; j < j1; j++) acc += load(wt + j * dim + c, w) * load(xb + (t + j - pad) * token_stride + c, w);
+                store(o + c, silu ? acc * sigmoid(acc) : acc, w);
+            }
+        }
+}
+
+/* The weight and bias gradients of arena_token_conv (without SiLU) from the output's gradient g
+ * [batch, len, dim] (contiguous): dw[j, c] = sum_{b, t} g[b, t, c] * x[b, t + j - pad, c], db[c] =
+ * sum_{b, t} g[b, t, c]. x as in arena_token_conv. Split over blocks of W channels. */
+void arena_token_conv_wgrad(const float *x, long batch_stride, long token_stride, const float *g, float *dwt,
+                            float *db, long batch, long len_in, long len, long dim, long k, long pad, int threads) {
+    const long blocks = (dim + W - 1) / W;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < blocks; i++) {
+        const long c = i * W, w = dim - c < W ? dim - c : W;
+        vf dw[NMAX], dbs = {0};
+        for (long j = 0; j < k; j++) dw[j] = (vf){0};
+        for (long b = 0; b < batch; b++)
+            for (long t = 0; t < len; t++) {
+                const long j0 = pad - t > 0 ? pad - t : 0, j1 = len_in + pad - t < k ? len_in + pad - t : k;
+                const vf gt = load(g + (b * len + t) * dim + c, w);
+                dbs += gt;
+                for (long j = j0; j < j1; j++) dw[j] += gt * load(x + b * batch_stride + (t + j - pad) * token_stride + c, w);
+            }
+        for (long j = 0; j < k; j++) store(dwt + j * dim + c, dw[j], w);
+        store(db + c, dbs, w);
+    }
 }
 
 /* The gradient of one block of w <= W channels, by reverse-mode through the recurrence:
  *   dh_t = C_t * g_t + exp(dt_{t+1} A) * dh_{t+1}       (g: the gradient of y before the gate)
  *   dA += dh_t * dt_t * exp(dt_t A) * h_{t-1}        ddt_t = sum_n dh_t * (A exp(dt_t A) h_{t-1} + u_t B_t)
  *   du_t = sum_n dh_t * dt_t * B_t + g_t * D         dB_t = sum_d dh_t * dt_t * u_t,  dC_t = sum_d g_t * h_t
- * A first pass keeps the state entering every segment of SEG tokens; then, from the last segment
+ * A first pass keeps the state entering every segment of seg tokens; then, from the last segment
  * to the first, the segment's states and decays are recomputed into `work` and walked backwards. dB and dC
  * are this block's partial sums over its channels; dA, dD and dbias its sums over tokens. */
 static void scan_block_bwd(const float *u, const float *dt, const float *z, const float *B, const float *C,
                            const float *At, const float *D, const float *bias, const float *dy,
                            float *du, float *ddt, float *dz, float *dB, float *dC, float *dA, float *dD,
-                           float *dbias, long len, long dim, long gn, long nstate, int softplus, long w, vf *work) {
-    const long nseg = (len + SEG - 1) / SEG;
-    vf *entering = work, *hs = work + nseg * nstate, *es = hs + SEG * nstate, *dts = es + SEG * nstate;
-    vf a[NMAX], h[NMAX], dh[NMAX], dAs[NMAX];
+                           float *dbias, long len, long dim, long gn, long nstate, long seg_len, int softplus,
+                           long w, vf *work) {
+    const long nseg = (len + seg_len - 1) / seg_len;
+    vf *entering = work, *hs = work + nseg * nstate, *es = hs + seg_len * nstate, *dts = es + seg_len * nstate;
+    vf a[NMAX], a2[NMAX], h[NMAX], dh[NMAX], dAs[NMAX], pb[NMAX], pc[NMAX];
     for (long s = 0; s < nstate; s++) {
         a[s] = load(At + s * dim, w);
+        a2[s] = a[s] * LOG2E;
         h[s] = dh[s] = dAs[s] = (vf){0};
     }
     const vf Dv = D ? load(D, w) : (vf){0}, bv = bias ? load(bias, w) : (vf){0};
-    for (long t = 0; t < (nseg - 1) * SEG; t++) {  /* the last segment's states are recomputed below */
-        if (t % SEG == 0) memcpy(entering + (t / SEG) * nstate, h, nstate * sizeof(vf));
+    for (long t = 0; t < (nseg - 1) * seg_len; t++) {  /* the last segment's states are recomputed below */
+        if (t % seg_len == 0) memcpy(entering + (t / seg_len) * nstate, h, nstate * sizeof(vf));
         const vf d = step(dt + t * dim, bv, softplus, w), du_ = d * load(u + t * dim, w);
-        for (long s = 0; s < nstate; s++) h[s] = vexp(d * a[s]) * h[s] + du_ * B[t * gn + s];
+        for (long s = 0; s < nstate; s++) h[s] = vexp2(d * a2[s]) * h[s] + du_ * B[t * gn + s];
     }
     if (nseg) memcpy(entering + (nseg - 1) * nstate, h, nstate * sizeof(vf));
     vf dDs = {0}, dbs = {0};
     for (long seg = nseg - 1; seg >= 0; seg--) {
-        const long t0 = seg * SEG, t1 = t0 + SEG < len ? t0 + SEG : len;
+        const long t0 = seg * seg_len, t1 = t0 + seg_len < len ? t0 + seg_len : len;
         memcpy(h, entering + seg * nstate, nstate * sizeof(vf));
         for (long t = t0; t < t1; t++) {
             const vf d = dts[t - t0] = step(dt + t * dim, bv, softplus, w), du_ = d * load(u + t * dim, w);
             for (long s = 0; s < nstate; s++) {
                 const long i = (t - t0) * nstate + s;
-                es[i] = vexp(d * a[s]);
+                es[i] = vexp2(d * a2[s]);
                 hs[i] = h[s] = es[i] * h[s] + du_ * B[t * gn + s];
             }
         }
@@ -217,10 +321,12 @@ static void scan_block_bwd(const float *u, const float *dt, const float *z, cons
                 dAs[s] += dhe * d;
                 dd += dhe * a[s] + dh[s] * (ut * Bt[s]);
                 dx += dh[s] * (d * Bt[s]);
-                dB[t * gn + s] = hsum(dh[s] * du_);
-                dC[t * gn + s] = hsum(g * ht[s]);
+                pb[s] = dh[s] * du_;
+                pc[s] = g * ht[s];
                 dh[s] *= e;
             }
+            lane_sums(pb, nstate, dB + t * gn);
+            lane_sums(pc, nstate, dC + t * gn);
             if (softplus) dd *= sigmoid(load(dt + t * dim, w) + bv);
             dDs += g * ut;
             dbs += dd;
@@ -244,8 +350,10 @@ int arena_selective_scan_bwd(const float *u, const float *dt, const float *z, co
                              int softplus, int threads) {
     if (nstate > NMAX || groups <= 0 || dim % groups) return 1;
     const long dg = dim / groups, per_group = (dg + W - 1) / W, blocks = batch * groups * per_group;
-    const long gn = groups * nstate, nseg = (len + SEG - 1) / SEG;
-    const size_t work_bytes = ((nseg + 2 * SEG) * nstate + SEG) * sizeof(vf);
+    /* segments as long as the buffer allows (a short sequence is one segment: no first pass), at least 32 tokens */
+    const long max_seg = SEG_BYTES / (2 * nstate * (long)sizeof(vf)), seg_len = max_seg > 32 ? max_seg : 32;
+    const long gn = groups * nstate, nseg = (len + seg_len - 1) / seg_len;
+    const size_t work_bytes = ((nseg + 2 * seg_len) * nstate + seg_len) * sizeof(vf);
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(|: failed)
     {
@@ -260,7 +368,7 @@ int arena_selective_scan_bwd(const float *u, const float *dt, const float *z, co
             scan_block_bwd(u + x, dt + x, z ? z + x : NULL, B + bc, C + bc, At + c0, D ? D + c0 : NULL,
                            bias ? bias + c0 : NULL, dy + x, du + x, ddt + x, dz ? dz + x : NULL, dB + part,
                            dC + part, dA + b * nstate * dim + c0, dD ? dD + b * dim + c0 : NULL,
-                           dbias ? dbias + b * dim + c0 : NULL, len, dim, gn, nstate, softplus, w, work);
+                           dbias ? dbias + b * dim + c0 : NULL, len, dim, gn, nstate, seg_len, softplus, w, work);
         }
         free(work);
     }
