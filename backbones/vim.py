@@ -58,6 +58,72 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
 
 
+class _BiScan(torch.autograd.Function):
+    """Both directions of ``BiMamba`` on fp32 CPU tensors by the fused kernels: time-major ``xz`` [B, L, 2 * d_inner]
+    -> the directions' average, gated: (y_forward + y_backward) / 2 * silu(z), [B, L, d_inner].
+
+    The same arithmetic as ``BiMamba._scan`` twice, without its copies: the backward direction's
+    conv reads the tokens after each one and its scan runs from the last token to the first in
+    place (no flipped copies), both scans write one sum, and the backward pass writes the
+    gradient of ``xz`` in one tensor; the gate and the SiLUs' gradients are fused kernels too.
+    Saved: each direction's conv output, projections and dt, and the ungated sum; the conv's
+    pre-activation is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, lib, xz: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        d = xz.shape[-1] // 2
+        x, z = xz[..., :d], xz[..., d:]
+        total = torch.empty_like(x)
+        saved = []
+        for backward, (taps, conv_bias, w_x, w_dt, dt_bias, A_log, D) in enumerate((params[:7], params[7:])):
+            k = taps.shape[-1]
+            u = scan_cpu.token_conv(lib, x, taps.flip(-1) if backward else taps, conv_bias, pad=0 if backward else k - 1,
+                                    length=x.shape[1], silu=True)
+            xdbl = F.linear(u, w_x)  # [B, L, dt_rank + 2 * d_state]
+            rank, n = w_dt.shape[1], (w_x.shape[0] - w_dt.shape[1]) // 2
+            dt = F.linear(xdbl[..., :rank], w_dt)
+            scan_cpu.scan(lib, u, dt, -torch.exp(A_log), xdbl[..., None, rank:rank + n], xdbl[..., None, rank + n:],
+                          x.new_zeros(x.shape[0], n, d), D=D, delta_bias=dt_bias, delta_softplus=True,
+                          reverse=bool(backward), out=total, accumulate=bool(backward))
+            saved += [u, xdbl, dt]
+        ctx.lib = lib
+        ctx.save_for_backward(xz, total, *saved, *params)
+        return scan_cpu.gate(lib, total, z, scale=0.5)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        xz, total, *rest = ctx.saved_tensors
+        saved, params = rest[:6], rest[6:]
+        lib, d = ctx.lib, xz.shape[-1] // 2
+        x, z = xz[..., :d], xz[..., d:]
+        grad_xz = torch.empty_like(xz)
+        g = scan_cpu.gate_backward(lib, grad, total, z, grad_xz[..., d:], scale=0.5)  # each direction's output's
+        grads, grad_x = [], None
+        for backward, (taps, conv_bias, w_x, w_dt, dt_bias, A_log, D) in enumerate((params[:7], params[7:])):
+            u, xdbl, dt = saved[3 * backward:3 * backward + 3]
+            k, rank = taps.shape[-1], w_dt.shape[1]
+            n = (w_x.shape[0] - rank) // 2
+            A = -torch.exp(A_log)
+            s = scan_cpu.scan_backward(lib, g, u, dt, A, xdbl[..., None, rank:rank + n], xdbl[..., None, rank + n:],
+                                       D=D, delta_bias=dt_bias, delta_softplus=True, reverse=bool(backward))
+            grad_xdbl = torch.cat([F.linear(s["delta"], w_dt.t()), s["B"][:, :, 0], s["C"][:, :, 0]], dim=-1)
+            grad_w_dt = s["delta"].flatten(0, 1).t() @ xdbl[..., :rank].flatten(0, 1)
+            grad_u = s["u"].add_(F.linear(grad_xdbl, w_x.t()))
+            grad_w_x = grad_xdbl.flatten(0, 1).t() @ u.flatten(0, 1)
+            direction_taps, pad = (taps.flip(-1), 0) if backward else (taps, k - 1)
+            grad_pre = scan_cpu.token_conv(lib, x, direction_taps, conv_bias, pad=pad, length=x.shape[1],
+                                           silu_grad_of=grad_u)
+            dx = scan_cpu.token_conv(lib, grad_pre, direction_taps.flip(-1), grad_pre.new_zeros(d), pad=k - 1 - pad,
+                                     length=x.shape[1])
+            grad_x = dx if grad_x is None else grad_x.add_(dx)
+            grad_taps, grad_conv_bias = scan_cpu.token_conv_wgrad(lib, x, grad_pre, k=k, pad=pad)
+            grads += [grad_taps.flip(-1) if backward else grad_taps, grad_conv_bias, grad_w_x, grad_w_dt,
+                      s["delta_bias"], s["A"] * A, s["D"]]
+        grad_xz[..., :d] = grad_x
+        return None, grad_xz, *grads
+
+
 class BiMamba(nn.Module):
     """Mamba mixer scanning the sequence both ways ("v2"): shared in/out projections, per-direction SSMs.
 
@@ -103,8 +169,19 @@ class BiMamba(nn.Module):
         return selective_scan(u.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D,
                               z=z.transpose(1, 2), delta_bias=dt_bias, delta_softplus=True)
 
+    def _direction(self, suffix: str) -> tuple[nn.Parameter | torch.Tensor, ...]:
+        """One direction's parameters as ``_BiScan`` takes them: conv taps and bias, x_proj, dt_proj, dt bias, A_log, D."""
+        conv, dt_proj = getattr(self, "conv1d" + suffix), getattr(self, "dt_proj" + suffix)
+        A_log, D = (self.A_log, self.D) if suffix == "" else (self.A_b_log, self.D_b)
+        return (conv.weight[:, 0], conv.bias, getattr(self, "x_proj" + suffix).weight, dt_proj.weight, dt_proj.bias,
+                A_log, D)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xz = self.in_proj(x)  # [B, L, 2 * d_inner]
+        fused = xz.device.type == "cpu" and xz.dtype == torch.float32 and self.d_state <= scan_cpu.MAX_STATE
+        lib = scan_cpu.kernel() if fused else None
+        if lib is not None:
+            return self.out_proj(_BiScan.apply(lib, xz, *self._direction(""), *self._direction("_b")))
         y = (self._scan(xz, "") + self._scan(xz.flip(1), "_b").flip(-1)) / 2
         return self.out_proj(y.transpose(1, 2))
 

@@ -225,6 +225,33 @@ def test_fused_conv_silu_and_gated_sum_of_two_directions(scan_kernel):
         scan_cpu.scan(lib, **tm, h=torch.zeros(b, n, d), accumulate=True)
 
 
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the fused kernel")
+def test_fused_backward_of_a_reversed_scan_on_strided_views(scan_kernel):
+    """scan_backward(reverse=True) reads views in place and equals the reference's gradients on flipped inputs."""
+    if scan_kernel == "torch":
+        pytest.skip("the fused kernel is off")
+    lib = scan_cpu.kernel()
+    b, d, l, n = 2, 37, 41, 4
+    inputs = _inputs(b, d, l, n, seed=5)
+    seq_keys = ("u", "delta", "B", "C", "z")
+    leaves = {k: (v.clone().requires_grad_(True) if v is not None else None) for k, v in inputs.items()}
+    y = selective_scan_ref(**{k: (v.flip(-1) if k in seq_keys else v) for k, v in leaves.items()},
+                           delta_softplus=True).flip(-1)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    tm = _time_major(inputs)
+    wide = torch.randn(b, l, 3 * n)  # B and C as column slices of one projection
+    wide[..., :n], wide[..., 2 * n:] = tm["B"][:, :, 0], tm["C"][:, :, 0]
+    tm = {**tm, "B": wide[:, :, None, :n], "C": wide[:, :, None, 2 * n:]}
+    got = scan_cpu.scan_backward(lib, grad.transpose(1, 2), **tm, delta_softplus=True, reverse=True)
+    for k in ("u", "delta", "z"):
+        assert _rel(got[k].transpose(1, 2), leaves[k].grad) < 1e-4, k
+    for k in ("B", "C"):
+        assert _rel(got[k][:, :, 0].transpose(1, 2), leaves[k].grad) < 1e-4, k
+    for k in ("A", "D", "delta_bias"):
+        assert _rel(got[k], leaves[k].grad) < 1e-4, k
+
+
 def test_fused_kernel_math_at_the_extremes():
     """The kernel's own exp and softplus through the scan: steps from softplus(-100) to 80, decays to exp(-2400)."""
     lib = scan_cpu.kernel()

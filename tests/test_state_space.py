@@ -236,7 +236,7 @@ def test_vim_uses_both_directions_and_middle_cls():
         assert tokens.shape == (1, 17, 32) and torch.equal(tokens[:, 8], model.embed(x))
 
 
-def test_vim_mixer_matches_conv1d_and_the_sequential_scan():
+def test_vim_mixer_matches_conv1d_and_the_sequential_scan(monkeypatch):
     """BiMamba against the official "v2" forward written with nn.Conv1d on [B, C, L] and the reference scan."""
     import torch.nn.functional as F
 
@@ -263,14 +263,16 @@ def test_vim_mixer_matches_conv1d_and_the_sequential_scan():
         return mixer.out_proj(((outs[0] + outs[1]) / 2).transpose(1, 2))
 
     results = []
-    for fn in (reference, mixer):
+    for fn, kernel in ((reference, "auto"), (mixer, "auto"), (mixer, "torch")):  # fused CPU path, then PyTorch's
+        monkeypatch.setenv("ARENA_SCAN_KERNEL", kernel)
         mixer.zero_grad()
         xi = x.clone().requires_grad_(True)
         y = fn(xi)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        results.append((y.detach(), xi.grad, mixer.conv1d.weight.grad.clone(), mixer.conv1d_b.bias.grad.clone()))
-    for got, want in zip(results[1], results[0]):
-        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+        results.append([y.detach(), xi.grad] + [p.grad.clone() for p in mixer.parameters()])
+    for result in results[1:]:
+        for got, want in zip(result, results[0], strict=True):
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("kernel", ["auto", "torch"])

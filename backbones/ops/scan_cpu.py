@@ -79,11 +79,14 @@ def _load() -> ctypes.CDLL | None:
     lib.arena_selective_scan.argtypes = ([ctypes.c_void_p] * 10 + [ctypes.POINTER(ctypes.c_long)]
                                          + [ctypes.c_long] * 5 + [ctypes.c_int] * 3)
     lib.arena_token_conv.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 3
-                                     + [ctypes.c_long] * 6 + [ctypes.c_int] * 2)
+                                     + [ctypes.c_long] * 6 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int])
+    lib.arena_gate.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_long] + [ctypes.c_void_p] * 3
+                               + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_int])
     lib.arena_token_conv_wgrad.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 3
                                            + [ctypes.c_long] * 6 + [ctypes.c_int])
-    lib.arena_token_conv.restype = lib.arena_token_conv_wgrad.restype = None
-    lib.arena_selective_scan_bwd.argtypes = [ctypes.c_void_p] * 17 + [ctypes.c_long] * 5 + [ctypes.c_int] * 2
+    lib.arena_token_conv.restype = lib.arena_token_conv_wgrad.restype = lib.arena_gate.restype = None
+    lib.arena_selective_scan_bwd.argtypes = ([ctypes.c_void_p] * 17 + [ctypes.POINTER(ctypes.c_long)]
+                                             + [ctypes.c_long] * 5 + [ctypes.c_int] * 2)
     lib.arena_selective_scan.restype = lib.arena_selective_scan_bwd.restype = ctypes.c_int
     return lib
 
@@ -107,6 +110,22 @@ def _rows(t: Tensor, inner: int) -> Tensor:
     t = t.float()
     ok = all(t.stride(-i) == math.prod(t.shape[len(t.shape) - i + 1:]) for i in range(1, inner + 1))
     return t if ok else t.contiguous()
+
+
+def _walk(seqs: list[Tensor | None], length: int, reverse: bool) -> tuple[list[int | None], ctypes.Array]:
+    """Each sequence's pointer at the scan's first step and its (batch, token) strides, as the kernels take them:
+    a reversed scan starts at the last token and steps back."""
+    pointers, strides = [], []
+    for t in seqs:
+        first = 0 if t is None or not reverse else (length - 1) * t.stride(1)
+        pointers.append(None if t is None else t.data_ptr() + 4 * first)
+        strides += [0, 0] if t is None else [t.stride(0), -t.stride(1) if reverse else t.stride(1)]
+    return pointers, (ctypes.c_long * len(strides))(*strides)
+
+
+def _vectors(A: Tensor, D: Tensor | None, delta_bias: Tensor | None) -> list[Tensor | None]:
+    """A transposed to [n, d], D and the delta bias, as contiguous fp32."""
+    return [A.float().t().contiguous()] + [None if t is None else _rows(t, 1) for t in (D, delta_bias)]
 
 
 def scan(lib: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor, *,
@@ -135,14 +154,10 @@ def scan(lib: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
         raise ValueError(f"out must be fp32 [batch, length, channels] = {(b, l, d)} with contiguous channels, "
                          f"got {tuple(out.shape)} {out.dtype}")
     seqs = [_rows(u, 1), _rows(delta, 1), None if z is None else _rows(z, 1), _rows(B, 2), _rows(C, 2), out]
-    vectors = [A.float().t().contiguous()] + [None if t is None else _rows(t, 1) for t in (D, delta_bias)]
-    pointers, strides = [], []
-    for t in seqs:  # a reversed scan starts at the last token and steps back
-        first = 0 if t is None or not reverse else (l - 1) * t.stride(1)
-        pointers.append(None if t is None else t.data_ptr() + 4 * first)
-        strides += [0, 0] if t is None else [t.stride(0), -t.stride(1) if reverse else t.stride(1)]
+    pointers, strides = _walk(seqs, l, reverse)
+    vectors = _vectors(A, D, delta_bias)  # held here: the kernel reads them through raw pointers
     rc = lib.arena_selective_scan(*pointers[:5], *map(_ptr, vectors),
-                                  pointers[5], h.data_ptr(), (ctypes.c_long * 12)(*strides), b, l, d, n, g,
+                                  pointers[5], h.data_ptr(), strides, b, l, d, n, g,
                                   int(delta_softplus), int(accumulate), torch.get_num_threads())
     _check_rc(rc, n, d, g)
     return out
@@ -157,22 +172,57 @@ def _conv_input(x: Tensor, k: int) -> tuple[int, int, int]:
 
 
 def token_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor, *, pad: int = 0, length: int | None = None,
-               silu: bool = False) -> Tensor:
-    """Mamba's depthwise conv along the tokens of time-major ``x`` [b, t, d], then SiLU when asked, in one pass.
+               silu: bool = False, silu_grad_of: Tensor | None = None) -> Tensor:
+    """Mamba's depthwise conv along the tokens of time-major ``x`` [b, t, d], then an activation, in one pass.
 
     Output token ``i`` is ``bias + sum_j weight[:, j] * x[:, i + j - pad]`` with ``x`` zero outside
     its tokens: ``pad`` tokens of zeros before ``x`` and as many after as ``length`` (default
     ``t + pad - k + 1``: none) needs. ``x`` is read in place (any batch and token strides,
-    contiguous channels), so no padded copy is made. Returns fp32 [b, length, d].
+    contiguous channels), so no padded copy is made. With ``silu`` the output goes through SiLU;
+    with ``silu_grad_of`` (the SiLU output's gradient, [b, length, d]) the result is that gradient
+    taken back through the SiLU, the conv being recomputed instead of saved. Returns fp32 [b, length, d].
     """
     b, t, d = _conv_input(x, weight.shape[-1])
     k = weight.shape[-1]
     length = t + pad - k + 1 if length is None else length
     out = torch.empty(b, length, d)
     taps, bias = weight.reshape(d, k).float().t().contiguous(), bias.float().contiguous()
+    g = None if silu_grad_of is None else silu_grad_of.float().contiguous()
     lib.arena_token_conv(x.data_ptr(), x.stride(0), x.stride(1), taps.data_ptr(), bias.data_ptr(), out.data_ptr(),
-                         b, t, length, d, k, pad, int(silu), torch.get_num_threads())
+                         b, t, length, d, k, pad, 2 if g is not None else int(silu), _ptr(g), torch.get_num_threads())
     return out
+
+
+def _gate_rows(s: Tensor, z: Tensor) -> tuple[int, int, int]:
+    """Rows, channels and z's row stride, after checking the gate's layouts: [b, l, d] with contiguous s, strided z rows."""
+    b, l, d = s.shape
+    if not (s.is_contiguous() and s.dtype == z.dtype == torch.float32 and z.shape == s.shape and z.stride(2) == 1
+            and z.stride(0) == l * z.stride(1)):
+        raise ValueError(f"the fused gate takes a contiguous fp32 s [b, l, d] and z of its shape with contiguous "
+                         f"channels and evenly strided rows, got {tuple(s.shape)} and {tuple(z.shape)} "
+                         f"(strides {z.stride()})")
+    return b * l, d, z.stride(1)
+
+
+def gate(lib: ctypes.CDLL, s: Tensor, z: Tensor, *, scale: float = 1.0) -> Tensor:
+    """``scale * s * silu(z)`` in one pass: Mamba's output gate (``z`` may be a view into wider rows)."""
+    rows, d, z_stride = _gate_rows(s, z)
+    y = torch.empty_like(s)
+    lib.arena_gate(s.data_ptr(), z.data_ptr(), z_stride, None, y.data_ptr(), None, 0, rows, d, scale,
+                   torch.get_num_threads())
+    return y
+
+
+def gate_backward(lib: ctypes.CDLL, grad: Tensor, s: Tensor, z: Tensor, dz: Tensor, *, scale: float = 1.0) -> Tensor:
+    """The gradients of ``gate`` from its output's ``grad``: returns that of ``s``; that of ``z`` goes into ``dz``
+    (a tensor of ``z``'s layout, e.g. a view into the input projection's gradient)."""
+    rows, d, z_stride = _gate_rows(s, z)
+    _, _, dz_stride = _gate_rows(s, dz)
+    grad = grad.float().contiguous()
+    ds = torch.empty_like(s)
+    lib.arena_gate(s.data_ptr(), z.data_ptr(), z_stride, grad.data_ptr(), ds.data_ptr(), dz.data_ptr(), dz_stride,
+                   rows, d, scale, torch.get_num_threads())
+    return ds
 
 
 def token_conv_wgrad(lib: ctypes.CDLL, x: Tensor, grad: Tensor, *, k: int, pad: int = 0) -> tuple[Tensor, Tensor]:
@@ -199,23 +249,29 @@ def _ptr(t: Tensor | None) -> int | None:
 
 def scan_backward(lib: ctypes.CDLL, grad: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
                   D: Tensor | None = None, z: Tensor | None = None, delta_bias: Tensor | None = None,
-                  delta_softplus: bool = False) -> dict[str, Tensor]:
+                  delta_softplus: bool = False, reverse: bool = False) -> dict[str, Tensor]:
     """The gradient of ``scan`` from a zero state, in its layouts: ``grad`` is the output's, [b, l, d].
 
-    Returns fp32 gradients keyed by argument name (``D``, ``z``, ``delta_bias`` only when given):
-    ``u, delta, z`` [b, l, d], ``B, C`` [b, l, g, n], ``A`` [d, n], ``D, delta_bias`` [d]. The
-    kernel recomputes the states, so nothing from the forward is needed.
+    Inputs may be strided like ``scan``'s (views are read in place); ``reverse`` differentiates a
+    reversed scan. Returns fp32 gradients keyed by argument name (``D``, ``z``, ``delta_bias``
+    only when given): ``u, delta, z`` [b, l, d], ``B, C`` [b, l, g, n], ``A`` [d, n], ``D,
+    delta_bias`` [d]. The kernel recomputes the states, so nothing from the forward is needed.
     """
     b, l, d = u.shape
     g, n = B.shape[2], B.shape[3]
-    ins = [None if t is None else t.float().contiguous() for t in (u, delta, z, B, C, A.t(), D, delta_bias, grad)]
     parts = -(-d // g // BLOCK_WIDTH)  # the kernel's channel blocks per group: one partial sum of dB, dC each
     shapes = {"u": (b, l, d), "delta": (b, l, d), "z": (b, l, d), "B": (parts, b, l, g, n), "C": (parts, b, l, g, n),
               "A": (b, n, d), "D": (b, d), "delta_bias": (b, d)}
     given = {"z": z is not None, "D": D is not None, "delta_bias": delta_bias is not None}
     out = {k: torch.empty(shape) if given.get(k, True) else None for k, shape in shapes.items()}
-    rc = lib.arena_selective_scan_bwd(*map(_ptr, ins), *map(_ptr, out.values()), b, l, d, n, g,
-                                      int(delta_softplus), torch.get_num_threads())
+    seqs = [_rows(u, 1), _rows(delta, 1), None if z is None else _rows(z, 1), _rows(B, 2), _rows(C, 2),
+            _rows(grad, 1), out["u"], out["delta"], out["z"], out["B"][0]]
+    pointers, strides = _walk(seqs, l, reverse)
+    vectors = _vectors(A, D, delta_bias)  # held here: the kernel reads them through raw pointers
+    rc = lib.arena_selective_scan_bwd(*pointers[:5], *map(_ptr, vectors), *pointers[5:9],
+                                      pointers[9], pointers[9] - out["B"].data_ptr() + out["C"].data_ptr(),
+                                      *map(_ptr, [out[k] for k in ("A", "D", "delta_bias")]), strides,
+                                      b, l, d, n, g, int(delta_softplus), torch.get_num_threads())
     _check_rc(rc, n, d, g)
     out["B"], out["C"] = out["B"].sum(0), out["C"].sum(0)
     out["A"] = out["A"].sum(0).t()

@@ -216,25 +216,51 @@ int arena_selective_scan(const float *u, const float *dt, const float *z, const 
     return 0;
 }
 
-/* Mamba's depthwise conv along the tokens, then SiLU when asked, in one pass:
- *   out[b, t, c] = act(bias[c] + sum_j w[j, c] * x[b, t + j - pad, c])   (x is 0 outside its len_in tokens)
+/* Mamba's depthwise conv along the tokens, then an activation, in one pass:
+ *   a[b, t, c] = bias[c] + sum_j w[j, c] * x[b, t + j - pad, c]   (x is 0 outside its len_in tokens)
+ *   out = a (act 0), silu(a) (act 1), or g * silu'(a) (act 2: the gradient through the SiLU of g, the
+ *   SiLU output's gradient, [batch, len, dim] contiguous, which out may be).
  * x [batch, len_in, dim] with any batch and token strides (channels contiguous), w [k, dim] (taps
  * transposed), out [batch, len, dim] contiguous. Split over (batch, token). */
 void arena_token_conv(const float *x, long batch_stride, long token_stride, const float *wt, const float *bias,
-                      float *out, long batch, long len_in, long len, long dim, long k, long pad, int silu,
-                      int threads) {
+                      float *out, long batch, long len_in, long len, long dim, long k, long pad, int act,
+                      const float *g, int threads) {
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
     for (long b = 0; b < batch; b++)
         for (long t = 0; t < len; t++) {
             const long j0 = pad - t > 0 ? pad - t : 0, j1 = len_in + pad - t < k ? len_in + pad - t : k;
             const float *xb = x + b * batch_stride;
-            float *o = out + (b * len + t) * dim;
+            const long row = (b * len + t) * dim;
             for (long c = 0; c < dim; c += W) {
                 const long w = dim - c < W ? dim - c : W;
-                vf acc = load(bias + c, w);
-                for (long j = j0; j < j1; j++) acc += load(wt + j * dim + c, w) * load(xb + (t + j - pad) * token_stride + c, w);
-                store(o + c, silu ? acc * sigmoid(acc) : acc, w);
+                vf a = load(bias + c, w);
+                for (long j = j0; j < j1; j++) a += load(wt + j * dim + c, w) * load(xb + (t + j - pad) * token_stride + c, w);
+                if (act == 1) a *= sigmoid(a);
+                if (act == 2) {
+                    const vf s = sigmoid(a);
+                    a = load(g + row + c, w) * s * (1.0f + a * (1.0f - s));
+                }
+                store(out + row + c, a, w);
             }
+        }
+}
+
+/* The gate y = scale * s * silu(z) over rows of dim channels (z and dz rows strided, the rest contiguous);
+ * with grad (y's gradient) instead: the gradient of s into ds (which may be grad) and of z into dz. */
+void arena_gate(const float *s, const float *z, long z_stride, const float *grad, float *y_or_ds, float *dz,
+                long dz_stride, long rows, long dim, float scale, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; r++)
+        for (long c = 0; c < dim; c += W) {
+            const long w = dim - c < W ? dim - c : W, i = r * dim + c;
+            const vf zt = load(z + r * z_stride + c, w), sz = sigmoid(zt), st = load(s + i, w) * scale;
+            if (!grad) {
+                store(y_or_ds + i, st * zt * sz, w);
+                continue;
+            }
+            const vf gt = load(grad + i, w);
+            store(dz + r * dz_stride + c, gt * st * sz * (1.0f + zt * (1.0f - sz)), w);
+            store(y_or_ds + i, gt * zt * sz * scale, w);
         }
 }
 
@@ -261,18 +287,22 @@ void arena_token_conv_wgrad(const float *x, long batch_stride, long token_stride
     }
 }
 
+/* Token strides of the gradient's tensors (in floats): its inputs, then the gradients it writes. */
+struct bwd_strides { long u, dt, z, b, c, dy, du, ddt, dz, dbc; };
+
 /* The gradient of one block of w <= W channels, by reverse-mode through the recurrence:
  *   dh_t = C_t * g_t + exp(dt_{t+1} A) * dh_{t+1}       (g: the gradient of y before the gate)
  *   dA += dh_t * dt_t * exp(dt_t A) * h_{t-1}        ddt_t = sum_n dh_t * (A exp(dt_t A) h_{t-1} + u_t B_t)
  *   du_t = sum_n dh_t * dt_t * B_t + g_t * D         dB_t = sum_d dh_t * dt_t * u_t,  dC_t = sum_d g_t * h_t
- * A first pass keeps the state entering every segment of seg tokens; then, from the last segment
+ * A first pass keeps the state entering every segment of seg_len tokens; then, from the last segment
  * to the first, the segment's states and decays are recomputed into `work` and walked backwards. dB and dC
- * are this block's partial sums over its channels; dA, dD and dbias its sums over tokens. */
+ * are this block's partial sums over its channels; dA, dD and dbias its sums over tokens. t counts the
+ * scan's steps; st says where step t of each tensor is. */
 static void scan_block_bwd(const float *u, const float *dt, const float *z, const float *B, const float *C,
                            const float *At, const float *D, const float *bias, const float *dy,
                            float *du, float *ddt, float *dz, float *dB, float *dC, float *dA, float *dD,
-                           float *dbias, long len, long dim, long gn, long nstate, long seg_len, int softplus,
-                           long w, vf *work) {
+                           float *dbias, struct bwd_strides st, long len, long dim, long nstate, long seg_len,
+                           int softplus, long w, vf *work) {
     const long nseg = (len + seg_len - 1) / seg_len;
     vf *entering = work, *hs = work + nseg * nstate, *es = hs + seg_len * nstate, *dts = es + seg_len * nstate;
     vf a[NMAX], a2[NMAX], h[NMAX], dh[NMAX], dAs[NMAX], pb[NMAX], pc[NMAX];
@@ -284,8 +314,8 @@ static void scan_block_bwd(const float *u, const float *dt, const float *z, cons
     const vf Dv = D ? load(D, w) : (vf){0}, bv = bias ? load(bias, w) : (vf){0};
     for (long t = 0; t < (nseg - 1) * seg_len; t++) {  /* the last segment's states are recomputed below */
         if (t % seg_len == 0) memcpy(entering + (t / seg_len) * nstate, h, nstate * sizeof(vf));
-        const vf d = step(dt + t * dim, bv, softplus, w), du_ = d * load(u + t * dim, w);
-        for (long s = 0; s < nstate; s++) h[s] = vexp2(d * a2[s]) * h[s] + du_ * B[t * gn + s];
+        const vf d = step(dt + t * st.dt, bv, softplus, w), du_ = d * load(u + t * st.u, w);
+        for (long s = 0; s < nstate; s++) h[s] = vexp2(d * a2[s]) * h[s] + du_ * B[t * st.b + s];
     }
     if (nseg) memcpy(entering + (nseg - 1) * nstate, h, nstate * sizeof(vf));
     vf dDs = {0}, dbs = {0};
@@ -293,24 +323,24 @@ static void scan_block_bwd(const float *u, const float *dt, const float *z, cons
         const long t0 = seg * seg_len, t1 = t0 + seg_len < len ? t0 + seg_len : len;
         memcpy(h, entering + seg * nstate, nstate * sizeof(vf));
         for (long t = t0; t < t1; t++) {
-            const vf d = dts[t - t0] = step(dt + t * dim, bv, softplus, w), du_ = d * load(u + t * dim, w);
+            const vf d = dts[t - t0] = step(dt + t * st.dt, bv, softplus, w), du_ = d * load(u + t * st.u, w);
             for (long s = 0; s < nstate; s++) {
                 const long i = (t - t0) * nstate + s;
                 es[i] = vexp2(d * a2[s]);
-                hs[i] = h[s] = es[i] * h[s] + du_ * B[t * gn + s];
+                hs[i] = h[s] = es[i] * h[s] + du_ * B[t * st.b + s];
             }
         }
         for (long t = t1 - 1; t >= t0; t--) {
-            const vf d = dts[t - t0], ut = load(u + t * dim, w), du_ = d * ut;
+            const vf d = dts[t - t0], ut = load(u + t * st.u, w), du_ = d * ut;
             const vf *ht = hs + (t - t0) * nstate, *et = es + (t - t0) * nstate;
             const vf *hp = t > t0 ? ht - nstate : entering + seg * nstate;
-            const float *Bt = B + t * gn, *Ct = C + t * gn;
-            vf g = load(dy + t * dim, w);
+            const float *Bt = B + t * st.b, *Ct = C + t * st.c;
+            vf g = load(dy + t * st.dy, w);
             if (z) {
-                const vf zt = load(z + t * dim, w), sz = sigmoid(zt);
+                const vf zt = load(z + t * st.z, w), sz = sigmoid(zt);
                 vf y = Dv * ut;
                 for (long s = 0; s < nstate; s++) y += Ct[s] * ht[s];
-                store(dz + t * dim, g * y * sz * (1.0f + zt * (1.0f - sz)), w);
+                store(dz + t * st.dz, g * y * sz * (1.0f + zt * (1.0f - sz)), w);
                 g *= zt * sz;
             }
             vf dd = {0}, dx = g * Dv;
@@ -325,13 +355,13 @@ static void scan_block_bwd(const float *u, const float *dt, const float *z, cons
                 pc[s] = g * ht[s];
                 dh[s] *= e;
             }
-            lane_sums(pb, nstate, dB + t * gn);
-            lane_sums(pc, nstate, dC + t * gn);
-            if (softplus) dd *= sigmoid(load(dt + t * dim, w) + bv);
+            lane_sums(pb, nstate, dB + t * st.dbc);
+            lane_sums(pc, nstate, dC + t * st.dbc);
+            if (softplus) dd *= sigmoid(load(dt + t * st.dt, w) + bv);
             dDs += g * ut;
             dbs += dd;
-            store(du + t * dim, dx, w);
-            store(ddt + t * dim, dd, w);
+            store(du + t * st.du, dx, w);
+            store(ddt + t * st.ddt, dd, w);
         }
     }
     for (long s = 0; s < nstate; s++) store(dA + s * dim, dAs[s], w);
@@ -339,21 +369,27 @@ static void scan_block_bwd(const float *u, const float *dt, const float *z, cons
     if (dbias) store(dbias, dbs, w);
 }
 
-/* Contiguous layouts: u, delta, z, dy and du, ddelta, dz [batch, len, dim]; B, C [batch, len, groups, nstate];
- * dB, dC [dim / groups / W rounded up, batch, len, groups, nstate] (one partial sum per block of channels);
- * dA [batch, nstate, dim]; dD, dbias [batch, dim]. z/dz, D/dD and bias/dbias may be NULL together.
+/* strides: batch and token strides (in floats) of u, delta, z, B, C, dy, du, ddelta, dz and of dB/dC
+ * (20 numbers; channels, and states within a group, contiguous), as the forward takes them:
+ * a negative token stride walks a sequence backwards. u, delta, z, dy [batch, len, dim] and du,
+ * ddelta, dz the same; B, C [batch, len, groups, nstate]; dB, dC [dim / groups / W rounded up,
+ * batch, len, groups, nstate] (one partial sum per block of channels, the block's part at
+ * k * (dB's batch stride) * batch); dA [batch, nstate, dim]; dD, dbias [batch, dim]. z/dz,
+ * D/dD and bias/dbias may be NULL together.
  * Returns 0, 1 when nstate is larger than NMAX or dim is not a multiple of groups, 2 when out of memory. */
 int arena_selective_scan_bwd(const float *u, const float *dt, const float *z, const float *B, const float *C,
                              const float *At, const float *D, const float *bias, const float *dy,
                              float *du, float *ddt, float *dz, float *dB, float *dC, float *dA, float *dD,
-                             float *dbias, long batch, long len, long dim, long nstate, long groups,
-                             int softplus, int threads) {
+                             float *dbias, const long *strides, long batch, long len, long dim, long nstate,
+                             long groups, int softplus, int threads) {
     if (nstate > NMAX || groups <= 0 || dim % groups) return 1;
     const long dg = dim / groups, per_group = (dg + W - 1) / W, blocks = batch * groups * per_group;
     /* segments as long as the buffer allows (a short sequence is one segment: no first pass), at least 32 tokens */
     const long max_seg = SEG_BYTES / (2 * nstate * (long)sizeof(vf)), seg_len = max_seg > 32 ? max_seg : 32;
-    const long gn = groups * nstate, nseg = (len + seg_len - 1) / seg_len;
+    const long nseg = (len + seg_len - 1) / seg_len;
     const size_t work_bytes = ((nseg + 2 * seg_len) * nstate + seg_len) * sizeof(vf);
+    const struct bwd_strides st = {strides[1], strides[3], strides[5], strides[7], strides[9], strides[11],
+                                   strides[13], strides[15], strides[17], strides[19]};
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(|: failed)
     {
@@ -363,12 +399,14 @@ int arena_selective_scan_bwd(const float *u, const float *dt, const float *z, co
         for (long i = 0; i < blocks; i++) {
             if (failed) continue;
             const long b = i / (groups * per_group), g = (i / per_group) % groups, k = i % per_group;
-            const long c0 = g * dg + k * W, w = dg - k * W < W ? dg - k * W : W;
-            const long x = b * len * dim + c0, bc = b * len * gn + g * nstate, part = k * batch * len * gn + bc;
-            scan_block_bwd(u + x, dt + x, z ? z + x : NULL, B + bc, C + bc, At + c0, D ? D + c0 : NULL,
-                           bias ? bias + c0 : NULL, dy + x, du + x, ddt + x, dz ? dz + x : NULL, dB + part,
-                           dC + part, dA + b * nstate * dim + c0, dD ? dD + b * dim + c0 : NULL,
-                           dbias ? dbias + b * dim + c0 : NULL, len, dim, gn, nstate, seg_len, softplus, w, work);
+            const long c0 = g * dg + k * W, w = dg - k * W < W ? dg - k * W : W, gs = g * nstate;
+            const long bc = b * strides[18] + gs + k * strides[18] * batch;
+            scan_block_bwd(u + b * strides[0] + c0, dt + b * strides[2] + c0, z ? z + b * strides[4] + c0 : NULL,
+                           B + b * strides[6] + gs, C + b * strides[8] + gs, At + c0, D ? D + c0 : NULL,
+                           bias ? bias + c0 : NULL, dy + b * strides[10] + c0, du + b * strides[12] + c0,
+                           ddt + b * strides[14] + c0, dz ? dz + b * strides[16] + c0 : NULL, dB + bc, dC + bc,
+                           dA + b * nstate * dim + c0, dD ? dD + b * dim + c0 : NULL,
+                           dbias ? dbias + b * dim + c0 : NULL, st, len, dim, nstate, seg_len, softplus, w, work);
         }
         free(work);
     }
