@@ -58,6 +58,27 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
 
 
+def _conv_taps(taps: torch.Tensor, backward: bool) -> tuple[torch.Tensor, int]:
+    """One direction's conv taps over time-major tokens and its padding: causal forward, anti-causal backward."""
+    return (taps.flip(-1), 0) if backward else (taps, taps.shape[-1] - 1)
+
+
+def _direction_inputs(lib, x: torch.Tensor, backward: bool, taps: torch.Tensor, conv_bias: torch.Tensor,
+                      w_x: torch.Tensor, w_dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One direction's scan inputs from ``x`` [B, L, d_inner]: u = silu(conv(x)), the x_proj output, dt (before
+    its bias)."""
+    direction_taps, pad = _conv_taps(taps, backward)
+    u = scan_cpu.token_conv(lib, x, direction_taps, conv_bias, pad=pad, length=x.shape[1], silu=True)
+    xdbl = F.linear(u, w_x)  # [B, L, dt_rank + 2 * d_state]
+    return u, xdbl, F.linear(xdbl[..., :w_dt.shape[1]], w_dt)
+
+
+def _b_c(xdbl: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B and C as [B, L, 1, d_state] views of the x_proj output [B, L, rank + 2 * d_state]."""
+    n = (xdbl.shape[-1] - rank) // 2
+    return xdbl[..., None, rank:rank + n], xdbl[..., None, rank + n:]
+
+
 class _BiScan(torch.autograd.Function):
     """Both directions of ``BiMamba`` on fp32 CPU tensors by the fused kernels: time-major ``xz`` [B, L, 2 * d_inner]
     -> the directions' average, gated: (y_forward + y_backward) / 2 * silu(z), [B, L, d_inner].
@@ -66,7 +87,7 @@ class _BiScan(torch.autograd.Function):
     conv reads the tokens after each one and its scan runs from the last token to the first in
     place (no flipped copies), both scans write one sum, and the backward pass writes the
     gradient of ``xz`` in one tensor; the gate and the SiLUs' gradients are fused kernels too.
-    Saved: each direction's conv output, projections and dt, and the ungated sum; the conv's
+    Saved: each direction's conv output, x_proj output and dt, and the ungated sum; the conv's
     pre-activation is recomputed.
     """
 
@@ -77,15 +98,11 @@ class _BiScan(torch.autograd.Function):
         total = torch.empty_like(x)
         saved = []
         for backward, (taps, conv_bias, w_x, w_dt, dt_bias, A_log, D) in enumerate((params[:7], params[7:])):
-            k = taps.shape[-1]
-            u = scan_cpu.token_conv(lib, x, taps.flip(-1) if backward else taps, conv_bias, pad=0 if backward else k - 1,
-                                    length=x.shape[1], silu=True)
-            xdbl = F.linear(u, w_x)  # [B, L, dt_rank + 2 * d_state]
-            rank, n = w_dt.shape[1], (w_x.shape[0] - w_dt.shape[1]) // 2
-            dt = F.linear(xdbl[..., :rank], w_dt)
-            scan_cpu.scan(lib, u, dt, -torch.exp(A_log), xdbl[..., None, rank:rank + n], xdbl[..., None, rank + n:],
-                          x.new_zeros(x.shape[0], n, d), D=D, delta_bias=dt_bias, delta_softplus=True,
-                          reverse=bool(backward), out=total, accumulate=bool(backward))
+            u, xdbl, dt = _direction_inputs(lib, x, bool(backward), taps, conv_bias, w_x, w_dt)
+            B, C = _b_c(xdbl, w_dt.shape[1])
+            scan_cpu.scan(lib, u, dt, -torch.exp(A_log), B, C, x.new_zeros(x.shape[0], B.shape[-1], d), D=D,
+                          delta_bias=dt_bias, delta_softplus=True, reverse=bool(backward), out=total,
+                          accumulate=bool(backward))
             saved += [u, xdbl, dt]
         ctx.lib = lib
         ctx.save_for_backward(xz, total, *saved, *params)
@@ -102,22 +119,22 @@ class _BiScan(torch.autograd.Function):
         grads, grad_x = [], None
         for backward, (taps, conv_bias, w_x, w_dt, dt_bias, A_log, D) in enumerate((params[:7], params[7:])):
             u, xdbl, dt = saved[3 * backward:3 * backward + 3]
-            k, rank = taps.shape[-1], w_dt.shape[1]
-            n = (w_x.shape[0] - rank) // 2
+            B, C = _b_c(xdbl, w_dt.shape[1])
             A = -torch.exp(A_log)
-            s = scan_cpu.scan_backward(lib, g, u, dt, A, xdbl[..., None, rank:rank + n], xdbl[..., None, rank + n:],
-                                       D=D, delta_bias=dt_bias, delta_softplus=True, reverse=bool(backward))
+            s = scan_cpu.scan_backward(lib, g, u, dt, A, B, C, D=D, delta_bias=dt_bias, delta_softplus=True,
+                                       reverse=bool(backward))
+            rank = w_dt.shape[1]
             grad_xdbl = torch.cat([F.linear(s["delta"], w_dt.t()), s["B"][:, :, 0], s["C"][:, :, 0]], dim=-1)
             grad_w_dt = s["delta"].flatten(0, 1).t() @ xdbl[..., :rank].flatten(0, 1)
             grad_u = s["u"].add_(F.linear(grad_xdbl, w_x.t()))
             grad_w_x = grad_xdbl.flatten(0, 1).t() @ u.flatten(0, 1)
-            direction_taps, pad = (taps.flip(-1), 0) if backward else (taps, k - 1)
+            direction_taps, pad = _conv_taps(taps, bool(backward))
             grad_pre = scan_cpu.token_conv(lib, x, direction_taps, conv_bias, pad=pad, length=x.shape[1],
                                            silu_grad_of=grad_u)
-            dx = scan_cpu.token_conv(lib, grad_pre, direction_taps.flip(-1), grad_pre.new_zeros(d), pad=k - 1 - pad,
-                                     length=x.shape[1])
+            dx = scan_cpu.token_conv(lib, grad_pre, direction_taps.flip(-1), grad_pre.new_zeros(d),
+                                     pad=taps.shape[-1] - 1 - pad, length=x.shape[1])
             grad_x = dx if grad_x is None else grad_x.add_(dx)
-            grad_taps, grad_conv_bias = scan_cpu.token_conv_wgrad(lib, x, grad_pre, k=k, pad=pad)
+            grad_taps, grad_conv_bias = scan_cpu.token_conv_wgrad(lib, x, grad_pre, k=taps.shape[-1], pad=pad)
             grads += [grad_taps.flip(-1) if backward else grad_taps, grad_conv_bias, grad_w_x, grad_w_dt,
                       s["delta_bias"], s["A"] * A, s["D"]]
         grad_xz[..., :d] = grad_x

@@ -42,16 +42,16 @@ static inline vf exp2_poly(vf f) {
     return p * f + 1.0f;
 }
 
-/* 2^x for x in [-126, 127]: 0 below (where it is denormal or 0), 2^127 above. x = k + f with k the
- * nearest integer, then exp2_poly(f) * 2^k. With AVX-512 the rounding, the scaling by 2^k and the
- * underflow to 0 are one instruction each (vrndscaleps, masked vscalefps). */
+/* 2^x: 0 below -126 (where it is denormal or 0). x = k + f with k the nearest integer, then
+ * exp2_poly(f) * 2^k. With AVX-512 the rounding, the scaling by 2^k (which overflows to inf above
+ * 127, as exp does) and the underflow to 0 are one instruction each (vrndscaleps, masked
+ * vscalefps); otherwise the exponent bits are built directly, x clamped to 127 first. */
 #if defined(__AVX512F__) && W == 16
 #include <immintrin.h>
 static inline vf vexp2(vf x) {
     const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
-    const __m512 v = _mm512_min_ps((__m512)x, _mm512_set1_ps(127.0f));
-    const __m512 k = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    return (vf)_mm512_maskz_scalef_ps(keep, (__m512)exp2_poly((vf)_mm512_sub_ps(v, k)), k);
+    const __m512 k = _mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return (vf)_mm512_maskz_scalef_ps(keep, (__m512)exp2_poly((vf)_mm512_sub_ps((__m512)x, k)), k);
 }
 #else
 static inline vf vexp2(vf x) {
@@ -63,7 +63,8 @@ static inline vf vexp2(vf x) {
 #endif
 
 /* exp(x) = 2^(x log2 e): ~2 ulp for |x| <= 1, growing to |x| / 2 ulp (the rounding of x log2 e);
- * softplus and sigmoid use it where that is far below their own rounding. */
+ * softplus and sigmoid use it where that is far below their own rounding, and sigmoid(x) is 0 when
+ * exp(-x) overflows. */
 static inline vf vexp(vf x) { return vexp2(x * LOG2E); }
 
 /* softplus(x) = max(x, 0) + log1p(exp(-|x|)). log(v) for v = 1 + e in [1, 2] by the Cephes logf
@@ -343,18 +344,19 @@ static void scan_block_bwd(const float *u, const float *dt, const float *z, cons
                 store(dz + t * st.dz, g * y * sz * (1.0f + zt * (1.0f - sz)), w);
                 g *= zt * sz;
             }
-            vf dd = {0}, dx = g * Dv;
+            vf dd = {0}, q = {0};  /* q = sum_n dh_t B_t: shared by du_t (times dt_t) and ddt_t (times u_t) */
             for (long s = 0; s < nstate; s++) {
-                const vf e = et[s];
                 dh[s] += Ct[s] * g;
-                const vf dhe = dh[s] * e * hp[s];
-                dAs[s] += dhe * d;
-                dd += dhe * a[s] + dh[s] * (ut * Bt[s]);
-                dx += dh[s] * (d * Bt[s]);
+                q += dh[s] * Bt[s];
                 pb[s] = dh[s] * du_;
                 pc[s] = g * ht[s];
-                dh[s] *= e;
+                dh[s] *= et[s];  /* now dh_t exp(dt_t A), the part carried to step t - 1 */
+                const vf dhe = dh[s] * hp[s];
+                dAs[s] += dhe * d;
+                dd += dhe * a[s];
             }
+            const vf dx = g * Dv + d * q;
+            dd += ut * q;
             lane_sums(pb, nstate, dB + t * st.dbc);
             lane_sums(pc, nstate, dC + t * st.dbc);
             if (softplus) dd *= sigmoid(load(dt + t * st.dt, w) + bv);
