@@ -86,7 +86,7 @@ def _load() -> ctypes.CDLL | None:
                                            + [ctypes.c_long] * 6 + [ctypes.c_int])
     lib.arena_token_conv.restype = lib.arena_token_conv_wgrad.restype = lib.arena_gate.restype = None
     lib.arena_selective_scan_bwd.argtypes = ([ctypes.c_void_p] * 17 + [ctypes.POINTER(ctypes.c_long)]
-                                             + [ctypes.c_long] * 5 + [ctypes.c_int] * 2)
+                                             + [ctypes.c_long] * 6 + [ctypes.c_int] * 2)
     lib.arena_selective_scan.restype = lib.arena_selective_scan_bwd.restype = ctypes.c_int
     return lib
 
@@ -259,7 +259,9 @@ def scan_backward(lib: ctypes.CDLL, grad: Tensor, u: Tensor, delta: Tensor, A: T
     """
     b, l, d = u.shape
     g, n = B.shape[2], B.shape[3]
-    parts = -(-d // g // BLOCK_WIDTH)  # the kernel's channel blocks per group: one partial sum of dB, dC each
+    # dB and dC: the kernel sums a group's channel blocks in `parts` runs, as many as keep the threads busy
+    threads = torch.get_num_threads()
+    parts = min(-(-d // g // BLOCK_WIDTH), -(-threads // (b * g)))
     shapes = {"u": (b, l, d), "delta": (b, l, d), "z": (b, l, d), "B": (parts, b, l, g, n), "C": (parts, b, l, g, n),
               "A": (b, n, d), "D": (b, d), "delta_bias": (b, d)}
     given = {"z": z is not None, "D": D is not None, "delta_bias": delta_bias is not None}
@@ -271,9 +273,9 @@ def scan_backward(lib: ctypes.CDLL, grad: Tensor, u: Tensor, delta: Tensor, A: T
     rc = lib.arena_selective_scan_bwd(*pointers[:5], *map(_ptr, vectors), *pointers[5:9],
                                       pointers[9], pointers[9] - out["B"].data_ptr() + out["C"].data_ptr(),
                                       *map(_ptr, [out[k] for k in ("A", "D", "delta_bias")]), strides,
-                                      b, l, d, n, g, int(delta_softplus), torch.get_num_threads())
+                                      b, l, d, n, g, parts, int(delta_softplus), threads)
     _check_rc(rc, n, d, g)
-    out["B"], out["C"] = out["B"].sum(0), out["C"].sum(0)
+    out["B"], out["C"] = (t[0] if parts == 1 else t.sum(0) for t in (out["B"], out["C"]))
     out["A"] = out["A"].sum(0).t()
     for k in ("D", "delta_bias"):
         if out[k] is not None:

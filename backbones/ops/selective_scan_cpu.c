@@ -130,15 +130,19 @@ static inline vf lane_sums16(const vf *v) {
 #define LANE_SUMS_AT_ONCE 0
 #endif
 
-static inline void lane_sums(const vf *v, long n, float *out) {
+static inline void lane_sums(const vf *v, long n, float *out, int add) {
     long i = 0;
 #if LANE_SUMS_AT_ONCE
     for (; i + W <= n; i += W) {
-        const vf sums = lane_sums16(v + i);
+        vf sums = lane_sums16(v + i), held;
+        if (add) {
+            memcpy(&held, out + i, sizeof held);
+            sums += held;
+        }
         memcpy(out + i, &sums, sizeof sums);
     }
 #endif
-    for (; i < n; i++) out[i] = hsum(v[i]);
+    for (; i < n; i++) out[i] = add ? out[i] + hsum(v[i]) : hsum(v[i]);
 }
 
 static inline vf sigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
@@ -297,13 +301,14 @@ struct bwd_strides { long u, dt, z, b, c, dy, du, ddt, dz, dbc; };
  *   du_t = sum_n dh_t * dt_t * B_t + g_t * D         dB_t = sum_d dh_t * dt_t * u_t,  dC_t = sum_d g_t * h_t
  * A first pass keeps the state entering every segment of seg_len tokens; then, from the last segment
  * to the first, the segment's states and decays are recomputed into `work` and walked backwards. dB and dC
- * are this block's partial sums over its channels; dA, dD and dbias its sums over tokens. t counts the
+ * are this block's partial sums over its channels (added to what they hold with add_bc); dA, dD and
+ * dbias its sums over tokens. t counts the
  * scan's steps; st says where step t of each tensor is. */
 static void scan_block_bwd(const float *u, const float *dt, const float *z, const float *B, const float *C,
                            const float *At, const float *D, const float *bias, const float *dy,
                            float *du, float *ddt, float *dz, float *dB, float *dC, float *dA, float *dD,
                            float *dbias, struct bwd_strides st, long len, long dim, long nstate, long seg_len,
-                           int softplus, long w, vf *work) {
+                           int softplus, int add_bc, long w, vf *work) {
     const long nseg = (len + seg_len - 1) / seg_len;
     vf *entering = work, *hs = work + nseg * nstate, *es = hs + seg_len * nstate, *dts = es + seg_len * nstate;
     vf a[NMAX], a2[NMAX], h[NMAX], dh[NMAX], dAs[NMAX], pb[NMAX], pc[NMAX];
@@ -357,8 +362,8 @@ static void scan_block_bwd(const float *u, const float *dt, const float *z, cons
             }
             const vf dx = g * Dv + d * q;
             dd += ut * q;
-            lane_sums(pb, nstate, dB + t * st.dbc);
-            lane_sums(pc, nstate, dC + t * st.dbc);
+            lane_sums(pb, nstate, dB + t * st.dbc, add_bc);
+            lane_sums(pc, nstate, dC + t * st.dbc, add_bc);
             if (softplus) dd *= sigmoid(load(dt + t * st.dt, w) + bv);
             dDs += g * ut;
             dbs += dd;
@@ -374,18 +379,20 @@ static void scan_block_bwd(const float *u, const float *dt, const float *z, cons
 /* strides: batch and token strides (in floats) of u, delta, z, B, C, dy, du, ddelta, dz and of dB/dC
  * (20 numbers; channels, and states within a group, contiguous), as the forward takes them:
  * a negative token stride walks a sequence backwards. u, delta, z, dy [batch, len, dim] and du,
- * ddelta, dz the same; B, C [batch, len, groups, nstate]; dB, dC [dim / groups / W rounded up,
- * batch, len, groups, nstate] (one partial sum per block of channels, the block's part at
- * k * (dB's batch stride) * batch); dA [batch, nstate, dim]; dD, dbias [batch, dim]. z/dz,
- * D/dD and bias/dbias may be NULL together.
+ * ddelta, dz the same; B, C [batch, len, groups, nstate]; dB, dC [parts, batch, len, groups, nstate]:
+ * the channel blocks of a group are split into `parts` runs (1 to dim / groups / W rounded up), each
+ * summing its blocks' dB and dC into its own part (at p * (dB's batch stride) * batch), so parts
+ * can run in parallel; dA [batch, nstate, dim]; dD, dbias [batch, dim]. z/dz, D/dD and bias/dbias
+ * may be NULL together.
  * Returns 0, 1 when nstate is larger than NMAX or dim is not a multiple of groups, 2 when out of memory. */
 int arena_selective_scan_bwd(const float *u, const float *dt, const float *z, const float *B, const float *C,
                              const float *At, const float *D, const float *bias, const float *dy,
                              float *du, float *ddt, float *dz, float *dB, float *dC, float *dA, float *dD,
                              float *dbias, const long *strides, long batch, long len, long dim, long nstate,
-                             long groups, int softplus, int threads) {
+                             long groups, long parts, int softplus, int threads) {
     if (nstate > NMAX || groups <= 0 || dim % groups) return 1;
-    const long dg = dim / groups, per_group = (dg + W - 1) / W, blocks = batch * groups * per_group;
+    const long dg = dim / groups, per_group = (dg + W - 1) / W, tasks = batch * groups * parts;
+    if (parts < 1 || parts > per_group) return 1;
     /* segments as long as the buffer allows (a short sequence is one segment: no first pass), at least 32 tokens */
     const long max_seg = SEG_BYTES / (2 * nstate * (long)sizeof(vf)), seg_len = max_seg > 32 ? max_seg : 32;
     const long nseg = (len + seg_len - 1) / seg_len;
@@ -398,17 +405,20 @@ int arena_selective_scan_bwd(const float *u, const float *dt, const float *z, co
         vf *work = aligned_alloc(sizeof(vf), work_bytes);
         failed = work == NULL;
 #pragma omp for schedule(static)
-        for (long i = 0; i < blocks; i++) {
+        for (long i = 0; i < tasks; i++) {
             if (failed) continue;
-            const long b = i / (groups * per_group), g = (i / per_group) % groups, k = i % per_group;
-            const long c0 = g * dg + k * W, w = dg - k * W < W ? dg - k * W : W, gs = g * nstate;
-            const long bc = b * strides[18] + gs + k * strides[18] * batch;
-            scan_block_bwd(u + b * strides[0] + c0, dt + b * strides[2] + c0, z ? z + b * strides[4] + c0 : NULL,
-                           B + b * strides[6] + gs, C + b * strides[8] + gs, At + c0, D ? D + c0 : NULL,
-                           bias ? bias + c0 : NULL, dy + b * strides[10] + c0, du + b * strides[12] + c0,
-                           ddt + b * strides[14] + c0, dz ? dz + b * strides[16] + c0 : NULL, dB + bc, dC + bc,
-                           dA + b * nstate * dim + c0, dD ? dD + b * dim + c0 : NULL,
-                           dbias ? dbias + b * dim + c0 : NULL, st, len, dim, nstate, seg_len, softplus, w, work);
+            const long b = i / (groups * parts), g = (i / parts) % groups, p = i % parts, gs = g * nstate;
+            const long bc = b * strides[18] + gs + p * strides[18] * batch;
+            for (long k = p * per_group / parts; k < (p + 1) * per_group / parts; k++) {
+                const long c0 = g * dg + k * W, w = dg - k * W < W ? dg - k * W : W;
+                scan_block_bwd(u + b * strides[0] + c0, dt + b * strides[2] + c0, z ? z + b * strides[4] + c0 : NULL,
+                               B + b * strides[6] + gs, C + b * strides[8] + gs, At + c0, D ? D + c0 : NULL,
+                               bias ? bias + c0 : NULL, dy + b * strides[10] + c0, du + b * strides[12] + c0,
+                               ddt + b * strides[14] + c0, dz ? dz + b * strides[16] + c0 : NULL, dB + bc, dC + bc,
+                               dA + b * nstate * dim + c0, dD ? dD + b * dim + c0 : NULL,
+                               dbias ? dbias + b * dim + c0 : NULL, st, len, dim, nstate, seg_len, softplus,
+                               k > p * per_group / parts, w, work);
+            }
         }
         free(work);
     }
