@@ -306,10 +306,12 @@ class UniRepLKNet(Backbone):
                 m.reparameterize()
 
     def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
-        levels = []
+        levels, cpu = [], x.device.type == "cpu"
+        if cpu:  # the stem too runs channels-last: its LayerNorms then read NHWC rows without a copy
+            x = x.contiguous(memory_format=torch.channels_last)
         for down, stage, fmt in zip(self.downsample_layers, self.stages, self.stage_formats):
             x = down(x)
-            x = stage(x.contiguous(memory_format=fmt) if x.device.type == "cpu" else x)
+            x = stage(x.contiguous(memory_format=fmt) if cpu else x)
             levels.append(x)
         return levels
 
