@@ -45,7 +45,7 @@ SMALL_KERNELS = (3, 5)  # plain depthwise convs, no dilated branches
 
 
 class SqueezeExcite(nn.Module):
-    """Squeeze-and-excitation with ReLU and sigmoid gates (keys ``down``, ``up``: 1x1 convs, as in the official code)."""
+    """Squeeze-and-excitation with ReLU and sigmoid gates (keys ``down``, ``up``: 1x1 convs, as officially)."""
 
     def __init__(self, channels: int, hidden: int) -> None:
         super().__init__()
@@ -53,7 +53,7 @@ class SqueezeExcite(nn.Module):
         self.up = nn.Conv2d(hidden, channels, 1)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """The per-image channel gate [B, C] of ``x`` [B, C, H, W] (the 1x1 convs as Linear layers on the pooled vector)."""
+        """The per-image channel gate [B, C] of ``x`` [B, C, H, W] (the 1x1 convs as Linear on the pooled vector)."""
         s = F.relu(F.linear(x.mean((2, 3)), self.down.weight.flatten(1), self.down.bias))
         return torch.sigmoid(F.linear(s, self.up.weight.flatten(1), self.up.bias))
 
