@@ -30,7 +30,7 @@ from torch import nn
 
 from ._features import Backbone, FeatureInfo, pretrained_cfg_for
 from ._registry import register_backbone
-from .ops.large_kernel import DepthwiseConv2d, center_pad, dilate_kernel, pop_bn
+from .ops.large_kernel import CPU_NCHW_MAX_KERNEL, DepthwiseConv2d, center_pad, dilate_kernel, pop_bn
 
 # kernel size -> the parallel (kernel, dilation) branches of its Dilated Reparam Block (official defaults)
 DILATED_BRANCHES: dict[int, tuple[tuple[int, int], ...]] = {
@@ -45,16 +45,20 @@ SMALL_KERNELS = (3, 5)  # plain depthwise convs, no dilated branches
 
 
 class SqueezeExcite(nn.Module):
-    """Squeeze-and-excitation with ReLU and sigmoid gates (keys ``down``, ``up``)."""
+    """Squeeze-and-excitation with ReLU and sigmoid gates (keys ``down``, ``up``: 1x1 convs, as officially)."""
 
     def __init__(self, channels: int, hidden: int) -> None:
         super().__init__()
         self.down = nn.Conv2d(channels, hidden, 1)
         self.up = nn.Conv2d(hidden, channels, 1)
 
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-image channel gate [B, C] of ``x`` [B, C, H, W] (the 1x1 convs as Linear on the pooled vector)."""
+        s = F.relu(F.linear(x.mean((2, 3)), self.down.weight.flatten(1), self.down.bias))
+        return torch.sigmoid(F.linear(s, self.up.weight.flatten(1), self.up.bias))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = F.adaptive_avg_pool2d(x, 1)
-        return x * torch.sigmoid(self.up(F.relu(self.down(s))))
+        return x * self.gate(x)[:, :, None, None]
 
 
 class GlobalResponseNorm(nn.Module):
@@ -65,13 +69,48 @@ class GlobalResponseNorm(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim)) if bias else None
 
+    def channel_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """``gamma * N(x) + 1`` [B, C] of ``x`` [B, C, H, W] in either memory format: GRN is ``x * scale + beta``."""
+        if x.is_contiguous():  # H, W innermost: one fused pass
+            gx = torch.linalg.vector_norm(x.flatten(2), dim=-1)
+        else:
+            # over outer dims vector_norm is 5-7x slower on CPU than this; the clamp keeps the
+            # gradient of an all-zero channel 0 (as vector_norm's), not NaN
+            gx = (x * x).sum(dim=(2, 3)).clamp_min(torch.finfo(x.dtype).tiny).sqrt()
+        return self.gamma.view(1, -1) * (gx / (gx.mean(dim=1, keepdim=True) + 1e-6)) + 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # ||x|| over H, W: 5-7x faster on CPU than linalg.vector_norm over these dims; the clamp keeps
-        # the gradient of an all-zero channel 0 (as vector_norm's), not NaN
-        gx = x.square().sum(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(x.dtype).tiny).sqrt()
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
-        y = (self.gamma * nx + 1) * x
+        y = self.channel_scale(x.permute(0, 3, 1, 2))[:, None, None, :] * x
         return y if self.beta is None else y + self.beta
+
+
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   scale: torch.Tensor | None = None, *, overwrite: bool = False) -> torch.Tensor:
+    """The 1x1 conv ``weight`` [Cout, Cin] (+ ``bias``) of ``x * scale``, ``x`` [B, Cin, H, W] in either memory format.
+
+    Nothing is converted: on an NCHW batch of several images the weight multiplies each image's
+    [Cin, H*W] matrix (output NCHW); otherwise the pixels are the rows (``nn.Linear`` on NHWC; for one
+    NCHW image that is the transposed view, which the GEMM reads as is, and measured faster than the
+    column form there). ``scale`` [B, Cin] (a per-image channel scale: SE's gate, GRN's) multiplies the smaller
+    operand: ``x`` (B*Cin*H*W products) or, on maps of more than Cout pixels, the weight (B*Cout*Cin).
+    ``overwrite=True`` scales ``x`` in place when autograd does not track it (a caller's own
+    intermediate): on this CPU a fresh map-sized output costs several times the multiply.
+    """
+    b, c, h, w = x.shape
+    fold = scale is not None and h * w > weight.shape[0]
+    if scale is not None and not fold:
+        x = x.mul_(scale[:, :, None, None]) if overwrite and not x.requires_grad else x * scale[:, :, None, None]
+    weights = weight * scale[:, None, :] if fold else weight.expand(b, -1, -1)  # [B, Cout, Cin]
+    if x.is_contiguous() and b > 1:
+        cols = x.view(b, c, h * w)
+        y = torch.bmm(weights, cols) if bias is None else torch.baddbmm(bias[:, None], weights, cols)
+        return y.view(b, -1, h, w)
+    rows = x.permute(0, 2, 3, 1)
+    if fold:
+        rows, t = rows.reshape(b, h * w, c), weights.transpose(1, 2)
+        y = torch.bmm(rows, t) if bias is None else torch.baddbmm(bias, rows, t)
+        return y.view(b, h, w, -1).permute(0, 3, 1, 2)
+    return F.linear(rows, weight, bias).permute(0, 3, 1, 2)
 
 
 class DilatedReparamConv(nn.Module):
@@ -79,13 +118,13 @@ class DilatedReparamConv(nn.Module):
 
     Kernels 7-17 get the parallel dilated branches of ``DILATED_BRANCHES`` (each with a BN, and
     ``origin_bn`` on the main conv); kernels 3 and 5 are a plain depthwise conv. In deploy form
-    (``deploy=True``) only ``lk_origin`` remains, with a bias.
+    (``deploy=True``) only ``lk_origin`` remains, with a bias. ``strategy`` pins its depthwise strategy.
     """
 
-    def __init__(self, channels: int, kernel_size: int, *, deploy: bool = False) -> None:
+    def __init__(self, channels: int, kernel_size: int, *, deploy: bool = False, strategy: str | None = None) -> None:
         super().__init__()
         self.branches = () if deploy else DILATED_BRANCHES.get(kernel_size, ())
-        self.lk_origin = DepthwiseConv2d(channels, kernel_size, bias=deploy)
+        self.lk_origin = DepthwiseConv2d(channels, kernel_size, bias=deploy, strategy=strategy)
         if self.branches:
             self.origin_bn = nn.BatchNorm2d(channels)
             for k, r in self.branches:
@@ -138,11 +177,13 @@ class UniRepLKNetBlock(nn.Module):
     """dwconv -> BN -> SE -> Linear -> GELU -> GRN -> Linear -> BN -> layer scale, residual."""
 
     def __init__(self, dim: int, kernel_size: int, *, drop_path: float = 0.0,
-                 layer_scale_init_value: float | None = 1e-6, ffn_ratio: float = 4.0, deploy: bool = False) -> None:
+                 layer_scale_init_value: float | None = 1e-6, ffn_ratio: float = 4.0, deploy: bool = False,
+                 dw_strategy: str | None = None) -> None:
         super().__init__()
         if kernel_size not in SMALL_KERNELS and kernel_size not in DILATED_BRANCHES:
             raise ValueError(f"kernel_size must be one of {SMALL_KERNELS + tuple(DILATED_BRANCHES)}, got {kernel_size}")
         self.dim, self.kernel_size, self.hidden = dim, kernel_size, int(ffn_ratio * dim)
+        self.dw_strategy = dw_strategy
         self.se = SqueezeExcite(dim, dim // 4)
         self.pwconv1 = nn.Linear(dim, self.hidden)
         self.act = nn.GELU()
@@ -152,7 +193,7 @@ class UniRepLKNetBlock(nn.Module):
     def _build_reparam_parts(self, *, deploy: bool, layer_scale_init_value: float | None) -> None:
         """The submodules whose form differs between train and deploy."""
         self.deploy = deploy
-        self.dwconv = DilatedReparamConv(self.dim, self.kernel_size, deploy=deploy)
+        self.dwconv = DilatedReparamConv(self.dim, self.kernel_size, deploy=deploy, strategy=self.dw_strategy)
         self.norm = nn.Identity() if deploy else nn.BatchNorm2d(self.dim)
         self.grn = GlobalResponseNorm(self.hidden, bias=not deploy)
         self.pwconv2 = nn.Linear(self.hidden, self.dim, bias=deploy)
@@ -161,9 +202,17 @@ class UniRepLKNetBlock(nn.Module):
         self.gamma = nn.Parameter(torch.full((self.dim,), float(layer_scale_init_value))) if use_gamma else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.se(self.norm(self.dwconv(x)))
-        y = self.grn(self.act(self.pwconv1(y.permute(0, 2, 3, 1))))
-        y = self.pwconv2_bn(self.pwconv2(y).permute(0, 3, 1, 2))
+        # the official SE -> pwconv1 -> GELU -> GRN -> pwconv2 on NHWC, computed in x's memory format, with
+        # SE's gate and GRN's scale applied by pointwise_conv and GRN's bias moved into pwconv2's (W2 beta)
+        y = self.norm(self.dwconv(x))
+        y = pointwise_conv(y, self.pwconv1.weight, self.pwconv1.bias, self.se.gate(y), overwrite=True)
+        # without autograd, GELU in place: on the large early maps a fresh output costs as much as GELU itself
+        y = self.act(y) if y.requires_grad else torch.ops.aten.gelu_(y)
+        bias = self.pwconv2.bias
+        if self.grn.beta is not None:
+            grn_bias = self.pwconv2.weight @ self.grn.beta.flatten()
+            bias = grn_bias if bias is None else bias + grn_bias
+        y = self.pwconv2_bn(pointwise_conv(y, self.pwconv2.weight, bias, self.grn.channel_scale(y), overwrite=True))
         if self.gamma is not None:
             y = y * self.gamma.view(1, -1, 1, 1)
         return x + self.drop_path(y)
@@ -214,12 +263,21 @@ class UniRepLKNet(Backbone):
             self.downsample_layers.append(nn.Sequential(
                 nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), LayerNorm2d(dims[i + 1], eps=1e-6)))
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        # On CPU each stage runs in one memory format, set at its start (the residual stream keeps it):
+        # NCHW where it has a kernel of 5-13 (PyTorch's NCHW depthwise 13x13 conv is 1.3-2.3x faster than
+        # its channels-last one; the stage's 3x3 convs are pinned to NCHW too, so that no block converts),
+        # channels-last otherwise (3x3 depthwise is ~3x faster at 56x56, kernels above 13 much faster).
+        self.stage_formats = tuple(
+            torch.contiguous_format if any(3 < k <= CPU_NCHW_MAX_KERNEL for k in ks) else torch.channels_last
+            for ks in kernel_sizes)
         self.stages = nn.ModuleList()
         for i, ks in enumerate(kernel_sizes):
             start = sum(depths[:i])
             self.stages.append(nn.Sequential(*[
                 UniRepLKNetBlock(dims[i], k, drop_path=rates[start + j], layer_scale_init_value=layer_scale_init_value,
-                                 ffn_ratio=ffn_ratio, deploy=deploy)
+                                 ffn_ratio=ffn_ratio, deploy=deploy,
+                                 dw_strategy="plain" if k <= 3 and self.stage_formats[i] == torch.contiguous_format
+                                 else None)
                 for j, k in enumerate(ks)]))
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else None
@@ -248,9 +306,12 @@ class UniRepLKNet(Backbone):
                 m.reparameterize()
 
     def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
-        levels = []
-        for down, stage in zip(self.downsample_layers, self.stages):
-            x = stage(down(x))
+        levels, cpu = [], x.device.type == "cpu"
+        if cpu:  # the stem too runs channels-last: its LayerNorms then read NHWC rows without a copy
+            x = x.contiguous(memory_format=torch.channels_last)
+        for down, stage, fmt in zip(self.downsample_layers, self.stages, self.stage_formats):
+            x = down(x)
+            x = stage(x.contiguous(memory_format=fmt) if cpu else x)
             levels.append(x)
         return levels
 

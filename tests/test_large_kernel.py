@@ -370,3 +370,78 @@ def test_grn_matches_convnext_v2_formula():
     x.requires_grad_(True)
     grn(x).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+# --- the block's layout-keeping forward against the official formulation ---------------------------------
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_pointwise_conv_equals_linear_on_nhwc(channels_last: bool, batch: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(24, 8, generator=g), torch.randn(24, generator=g)
+    for size in (4, 8):  # 16 pixels <= 24 outputs: x is scaled; 64 > 24: the weight is
+        x = torch.randn(batch, 8, size, size, generator=g)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        scale = torch.rand(batch, 8, generator=g) + 0.5
+        for bias in (None, b):
+            for s in (None, scale):
+                xs = x if s is None else x * s[:, :, None, None]
+                want = F.linear(xs.permute(0, 2, 3, 1), w, bias).permute(0, 3, 1, 2)
+                before = x.clone()
+                got = url.pointwise_conv(x, w, bias, s)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+                assert torch.equal(x, before)  # overwrite=False leaves the input alone
+        y = x.clone()
+        torch.testing.assert_close(url.pointwise_conv(y, w, b, scale, overwrite=True),
+                                   url.pointwise_conv(x, w, b, scale), atol=1e-5, rtol=1e-5)
+
+
+def official_block_forward(block: url.UniRepLKNetBlock, x: torch.Tensor) -> torch.Tensor:
+    """The official block: SE on NCHW, then NHWC Linear -> GELU -> GRN (ConvNeXt-V2) -> Linear, BN, layer scale."""
+    y = block.norm(block.dwconv(x))
+    se = block.se
+    y = y * torch.sigmoid(se.up(F.relu(se.down(F.adaptive_avg_pool2d(y, 1)))))
+    y = F.gelu(block.pwconv1(y.permute(0, 2, 3, 1)))
+    gx = torch.linalg.vector_norm(y, dim=(1, 2), keepdim=True)
+    y = (block.grn.gamma * (gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)) + 1) * y
+    if block.grn.beta is not None:
+        y = y + block.grn.beta
+    y = block.pwconv2_bn(block.pwconv2(y).permute(0, 3, 1, 2))
+    if block.gamma is not None:
+        y = y * block.gamma.view(1, -1, 1, 1)
+    return x + y
+
+
+@pytest.mark.parametrize("deploy", [False, True])
+@pytest.mark.parametrize("kernel_size,size", [(3, 12), (13, 4), (13, 8)])  # maps above and below Cout pixels
+def test_block_equals_the_official_formulation(deploy: bool, kernel_size: int, size: int) -> None:
+    block = randomize_(url.UniRepLKNetBlock(16, kernel_size, deploy=deploy)).eval()
+    g = torch.Generator().manual_seed(1)
+    for batch in (1, 2):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(batch, 16, size, size, generator=g).contiguous(memory_format=fmt)
+            with torch.no_grad():
+                want = official_block_forward(block, x)
+                before = x.clone()
+                got = block(x)  # in place on its own intermediates only
+                assert torch.equal(x, before)
+            assert_same_outputs([want], [got], rel=1e-5)
+            assert got.is_contiguous(memory_format=fmt) or batch == 1  # one image: the residual keeps x's format
+            xg = x.clone().requires_grad_(True)
+            out = block(xg)  # with autograd: out of place
+            assert_same_outputs([want], [out.detach()], rel=1e-5)
+            out.sum().backward()
+            assert torch.isfinite(xg.grad).all()
+
+
+def test_each_stage_runs_in_one_memory_format() -> None:
+    model = create_backbone("unireplknet_test", deploy=True).eval()  # kernels (3,), (13,), (13, 3), (13,)
+    assert model.stage_formats == (torch.channels_last,) + (torch.contiguous_format,) * 3
+    assert model.stages[2][1].dwconv.lk_origin.strategy == "plain"  # 3x3 among 13x13: NCHW, no conversion
+    seen = []
+    for fmt, stage in zip(model.stage_formats, model.stages):
+        for block in stage:
+            block.register_forward_pre_hook(lambda m, i, fmt=fmt: seen.append(i[0].is_contiguous(memory_format=fmt)))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    assert seen and all(seen)
