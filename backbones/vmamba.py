@@ -40,6 +40,7 @@ from torch import nn
 
 from ._features import Backbone, FeatureInfo, pretrained_cfg_for
 from ._registry import register_backbone
+from .ops import scan_cpu
 from .ops.selective_scan import init_a_log, init_dt_bias, selective_scan
 
 ROUTES = 4  # row-major, column-major, and both reversed
@@ -61,7 +62,6 @@ class Linear2d(nn.Linear):
 def _copy_routes(grid: torch.Tensor, seq: torch.Tensor, *, to_seq: bool) -> None:
     """Copy each route between slice k of ``grid`` [B, H, W, 4, C] and slice k of ``seq`` [B, H*W, 4, C]
     (route order), in the direction ``to_seq`` says: one strided copy per route, reversed routes flipped."""
-    b, h, w, _, c = grid.shape
     for k in range(ROUTES):
         g = grid[:, :, :, k] if k % 2 == 0 else grid[:, :, :, k].transpose(1, 2)  # row- or column-major
         s = seq[:, :, k].view(g.shape)
@@ -69,42 +69,83 @@ def _copy_routes(grid: torch.Tensor, seq: torch.Tensor, *, to_seq: bool) -> None
         dst.copy_(src.flip(1, 2) if k >= 2 else src)
 
 
+def _fused(x: torch.Tensor):
+    """The compiled CPU kernels when they can reorder ``x`` (an fp32 CPU tensor), else None."""
+    return scan_cpu.kernel() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+
+
+def _to_routes(x: torch.Tensor) -> torch.Tensor:
+    """``cross_scan``'s copies: [B, H, W, C] (shared) or [B, H, W, 4, C] -> [B, H*W, 4, C]."""
+    lib = _fused(x) if x.ndim == 4 else None
+    if lib is not None:  # a shared map: one pass
+        return scan_cpu.cross_scan(lib, x)
+    b, h, w, *_, c = x.shape
+    seq = x.new_empty(b, h * w, ROUTES, c)
+    _copy_routes(x[:, :, :, None].expand(b, h, w, ROUTES, c) if x.ndim == 4 else x, seq, to_seq=True)
+    return seq
+
+
+def _merge(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``cross_merge``'s sum: [B, H*W, 4, C] -> [B, H, W, C] (one pass with the compiled kernels)."""
+    lib = _fused(ys)
+    if lib is not None:
+        return scan_cpu.cross_merge(lib, ys, h, w)
+    b, _, _, c = ys.shape
+    rows = ys[:, :, 0] + ys[:, :, 2].flip(1)
+    cols = ys[:, :, 1] + ys[:, :, 3].flip(1)
+    return rows.view(b, h, w, c) + cols.view(b, w, h, c).transpose(1, 2)
+
+
 class _CrossScan(torch.autograd.Function):
-    """``cross_scan``'s copies; the gradient goes back through the same copies the other way."""
+    """``cross_scan``; its gradient is the reverse reordering: the routes' sum (``_merge``) for a shared map,
+    copies back for per-route channels."""
 
     @staticmethod
     def forward(x: torch.Tensor) -> torch.Tensor:
-        b, h, w, routes, c = x.shape
-        seq = x.new_empty(b, h * w, routes, c)
-        _copy_routes(x, seq, to_seq=True)
-        return seq
+        return _to_routes(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.grid = inputs[0].shape[1:3]
+        ctx.grid, ctx.shared = inputs[0].shape[1:3], inputs[0].ndim == 4
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        if ctx.shared:
+            return _merge(grad, *ctx.grid)
         b, _, routes, c = grad.shape
         out = grad.new_empty(b, *ctx.grid, routes, c)
         _copy_routes(out, grad, to_seq=False)
         return out
 
 
+class _CrossMerge(torch.autograd.Function):
+    """``cross_merge``; its gradient is the shared map's ``cross_scan``: the same gradient to every route."""
+
+    @staticmethod
+    def forward(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return _merge(ys, h, w)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _to_routes(grad), None, None
+
+
 def cross_scan(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, W, 4, C] -> [B, H*W, 4, C] (time-major): route k's tokens in its order: row-major,
-    column-major, and both reversed. Route k reads channel slice k, so one call orders a per-route
-    projection; a map shared by the routes comes as an expanded view ``x[:, :, :, None].expand(...)``.
-    Each route is copied once into its slice of the result, and its gradient once back."""
+    """[B, H, W, C] or [B, H, W, 4, C] -> [B, H*W, 4, C] (time-major): route k's tokens in its order:
+    row-major, column-major, and both reversed. A [B, H, W, C] map is shared by the routes; with a
+    route dim, route k reads channel slice k, so one call orders a per-route projection. Each route
+    is copied once into its slice of the result; the gradient comes back by the adjoint reordering."""
     return _CrossScan.apply(x)
 
 
 def cross_merge(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """[B, H*W, 4, C] -> [B, H, W, C]: the four routes put back on the grid and summed."""
-    b, _, _, c = ys.shape
-    rows = ys[:, :, 0] + ys[:, :, 2].flip(1)
-    cols = ys[:, :, 1] + ys[:, :, 3].flip(1)
-    return rows.view(b, h, w, c) + cols.view(b, w, h, c).transpose(1, 2)
+    """[B, H*W, 4, C] -> [B, H, W, C]: the four routes put back on the grid and summed (the adjoint of
+    ``cross_scan`` on a shared map, which its gradient is)."""
+    return _CrossMerge.apply(ys, h, w)
 
 
 class SS2D(nn.Module):
@@ -138,16 +179,43 @@ class SS2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.silu(self.conv2d(self.in_proj(x))).permute(0, 2, 3, 1)  # [B, H, W, D]
-        b, h, w, d = x.shape
         proj = F.linear(x, self.x_proj_weight.flatten(0, 1)).unflatten(-1, (ROUTES, -1))  # [B, H, W, 4, R + 2N]
+        lib = scan_cpu.kernel() if x.device.type == "cpu" and torch.is_inference_mode_enabled() else None
+        y = self._scan_routes(lib, x, proj) if lib is not None else self._scan(x, proj)
+        return self.out_proj(self.out_norm(y.permute(0, 3, 1, 2)))
+
+    def _scan(self, x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+        """The four routes copied into one time-major sequence, one differentiable grouped scan, summed back."""
+        b, h, w, d = x.shape
         dt, B, C = cross_scan(proj).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # [B, L, 4, *]
         dt = torch.einsum("blkr,kdr->blkd", dt, self.dt_projs_weight)
-        xs = cross_scan(x[:, :, :, None].expand(b, h, w, ROUTES, d))  # [B, L, 4, D]
+        xs = cross_scan(x)  # [B, L, 4, D]
         ys = selective_scan(xs.flatten(2).transpose(1, 2), dt.flatten(2).transpose(1, 2),
                             -torch.exp(self.A_logs.float()), B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1),
                             self.Ds.float(), delta_bias=self.dt_projs_bias.flatten().float(), delta_softplus=True)
-        y = cross_merge(ys.transpose(1, 2).view(b, h * w, ROUTES, d), h, w)
-        return self.out_proj(self.out_norm(y.permute(0, 3, 1, 2)))
+        return cross_merge(ys.transpose(1, 2).view(b, h * w, ROUTES, d), h, w)
+
+    def _scan_routes(self, lib, x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+        """Inference: each route scanned by the CPU kernel straight through the map, summed into one output.
+
+        Route k is a view of the channels-last map ([B, H, W, *], or its transpose for the
+        column-major routes, read backwards for the reversed ones), so nothing is reordered; the
+        routes after the first add their output into the first's. dt is projected in grid order, a
+        route at a time (one buffer reused, not a fresh one four times the size). Same result as
+        ``_scan`` up to the order of the sum.
+        """
+        b, h, w, d = x.shape
+        r, n = self.dt_rank, self.d_state
+        A = -torch.exp(self.A_logs.float()).view(ROUTES, d, n)
+        D, bias = self.Ds.float().view(ROUTES, d), self.dt_projs_bias.float()
+        y, state = x.new_empty(b, h, w, d, dtype=torch.float32), x.new_empty(b, n, d, dtype=torch.float32)
+        for k in range(ROUTES):
+            route = (lambda t: t.transpose(1, 2)) if k % 2 else (lambda t: t)  # row- or column-major
+            dt = F.linear(proj[..., k, :r], self.dt_projs_weight[k])  # [B, H, W, D]
+            scan_cpu.scan_grid(lib, route(x), route(dt), A[k], route(proj[..., k, None, r:r + n]),
+                               route(proj[..., k, None, r + n:]), state.zero_(), D=D[k], delta_bias=bias[k],
+                               delta_softplus=True, reverse=k >= 2, out=route(y), accumulate=k > 0)
+        return y.to(x.dtype)
 
 
 class Mlp(nn.Module):

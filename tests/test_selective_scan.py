@@ -252,6 +252,35 @@ def test_fused_backward_of_a_reversed_scan_on_strided_views(scan_kernel):
         assert _rel(got[k], leaves[k].grad) < 1e-4, k
 
 
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the fused kernel")
+def test_fused_grid_scan_reads_routes_through_a_map_in_place(scan_kernel):
+    """scan_grid over a [b, rows, cols, d] map and its transpose, forwards and backwards, equals scan on
+    the route copied out as a sequence, bit for bit; the routes' outputs add up in place."""
+    if scan_kernel == "torch":
+        pytest.skip("the fused kernel is off")
+    lib = scan_cpu.kernel()
+    g = torch.Generator().manual_seed(5)
+    b, h, w, d, n = 2, 5, 7, 37, 3
+    x, dt = torch.randn(b, h, w, d, generator=g), 0.5 * torch.randn(b, h, w, 2 * d, generator=g)[..., d:]
+    proj = torch.randn(b, h, w, 2 * n + 1, generator=g)  # B and C as slices of a wider projection
+    A, D, bias = -torch.rand(d, n, generator=g), torch.randn(d, generator=g), torch.rand(d, generator=g) - 3
+    out, total = torch.zeros(b, w, h, d), 0
+    for column in (False, True):
+        for reverse in (False, True):
+            route = (lambda t: t.transpose(1, 2)) if column else (lambda t: t)
+            views = {"u": route(x), "delta": route(dt), "B": route(proj[..., None, 1:n + 1]),
+                     "C": route(proj[..., None, n + 1:])}
+            kw = {"D": D, "delta_bias": bias, "delta_softplus": True, "reverse": reverse}
+            got = scan_cpu.scan_grid(lib, **views, A=A, h=torch.zeros(b, n, d), **kw)
+            seq = {k: v.flatten(1, 2) for k, v in views.items()}  # the route as a copied sequence
+            want = scan_cpu.scan(lib, **seq, A=A, h=torch.zeros(b, n, d), **kw).view(got.shape)
+            assert torch.equal(got, want), (column, reverse)
+            scan_cpu.scan_grid(lib, **views, A=A, h=torch.zeros(b, n, d), out=out.transpose(1, 2) if not column
+                               else out, accumulate=True, **kw)
+            total = total + (got if column else got.transpose(1, 2))
+    assert _rel(out, total) < 1e-6
+
+
 def test_fused_kernel_math_at_the_extremes():
     """The kernel's own exp and softplus through the scan: steps from softplus(-100) to 80, decays to exp(-2400)."""
     lib = scan_cpu.kernel()

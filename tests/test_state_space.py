@@ -310,13 +310,47 @@ def test_depthwise_conv_tokens_matches_conv1d_and_counts_its_flops(monkeypatch, 
         depthwise_conv_tokens(x, w[:5], b)
 
 
-def test_vmamba_cross_scan_routes():
-    x = torch.arange(6.0).view(1, 2, 3, 1, 1).expand(1, 2, 3, 4, 1)  # a 2 x 3 map shared by the four routes
+@pytest.mark.parametrize("kernel", ["auto", "torch"])
+def test_vmamba_cross_scan_routes(monkeypatch, kernel):
+    """The route orders, and cross_merge as cross_scan's adjoint (each is the other's gradient), with the
+    compiled one-pass reordering and in PyTorch."""
+    monkeypatch.setenv("ARENA_SCAN_KERNEL", kernel)
+    x = torch.arange(6.0).view(1, 2, 3, 1)  # a 2 x 3 map shared by the four routes
     routes = vmamba.cross_scan(x)[0, :, :, 0].t()
     assert routes.tolist() == [[0, 1, 2, 3, 4, 5], [0, 3, 1, 4, 2, 5], [5, 4, 3, 2, 1, 0], [5, 2, 4, 1, 3, 0]]
-    assert torch.equal(vmamba.cross_merge(vmamba.cross_scan(x), 2, 3), 4 * x[:, :, :, 0])
+    assert torch.equal(vmamba.cross_merge(vmamba.cross_scan(x), 2, 3), 4 * x)
+    assert torch.equal(vmamba.cross_scan(x[:, :, :, None].expand(1, 2, 3, 4, 1)), vmamba.cross_scan(x))
     per_route = torch.arange(24.0).view(1, 2, 3, 4, 1)  # route k reads its own channel slice
     assert vmamba.cross_scan(per_route)[0, :, 1, 0].tolist() == [1, 13, 5, 17, 9, 21]
+    torch.manual_seed(0)
+    x, ys = torch.randn(2, 3, 5, 19, requires_grad=True), torch.randn(2, 15, 4, 19, requires_grad=True)
+    g_seq, g_map = torch.randn(2, 15, 4, 19), torch.randn(2, 3, 5, 19)
+    (vmamba.cross_scan(x) * g_seq).sum().backward()
+    (vmamba.cross_merge(ys, 3, 5) * g_map).sum().backward()
+    rows, cols = g_seq[:, :, 0] + g_seq[:, :, 2].flip(1), g_seq[:, :, 1] + g_seq[:, :, 3].flip(1)
+    assert torch.equal(x.grad, rows.view(2, 3, 5, 19) + cols.view(2, 5, 3, 19).transpose(1, 2))
+    assert torch.equal(ys.grad, vmamba.cross_scan(g_map))
+
+
+@pytest.mark.parametrize("size", [(64, 64), (64, 96)])
+def test_vmamba_inference_scans_routes_in_place(monkeypatch, size):
+    """CPU inference mode scans each route through the map (no reordered copies) and gives the autograd
+    path's levels within 1e-6 relative (only the order of the routes' sum differs)."""
+    if scan_cpu.kernel() is None:
+        pytest.skip("no fused CPU scan (no C compiler, or ARENA_SCAN_KERNEL=torch): nothing scans in place")
+    calls, routes = [], vmamba.SS2D._scan_routes
+    monkeypatch.setattr(vmamba.SS2D, "_scan_routes", lambda self, *a: calls.append(1) or routes(self, *a))
+    torch.manual_seed(0)
+    model = create_backbone("vmamba_test").eval()
+    x = torch.randn(2, 3, *size)
+    reference = model(x)  # autograd on: the differentiable path
+    assert not calls
+    with torch.inference_mode():
+        levels = model(x)
+    assert len(calls) == 4
+    for got, want in zip(levels, reference):
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max()
 
 
 def official_ss2d(op: vmamba.SS2D, x: torch.Tensor) -> torch.Tensor:

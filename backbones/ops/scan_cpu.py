@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -78,6 +79,8 @@ def _load() -> ctypes.CDLL | None:
         return None
     lib.arena_selective_scan.argtypes = ([ctypes.c_void_p] * 10 + [ctypes.POINTER(ctypes.c_long)]
                                          + [ctypes.c_long] * 5 + [ctypes.c_int] * 3)
+    lib.arena_selective_scan_grid.argtypes = ([ctypes.c_void_p] * 10 + [ctypes.POINTER(ctypes.c_long)]
+                                              + [ctypes.c_long] * 6 + [ctypes.c_int] * 3)
     lib.arena_token_conv.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 3
                                      + [ctypes.c_long] * 6 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int])
     lib.arena_gate.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_long] + [ctypes.c_void_p] * 3
@@ -85,9 +88,12 @@ def _load() -> ctypes.CDLL | None:
     lib.arena_token_conv_wgrad.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 3
                                            + [ctypes.c_long] * 6 + [ctypes.c_int])
     lib.arena_token_conv.restype = lib.arena_token_conv_wgrad.restype = lib.arena_gate.restype = None
+    lib.arena_cross_scan.argtypes = lib.arena_cross_merge.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4 + [ctypes.c_int]
+    lib.arena_cross_scan.restype = lib.arena_cross_merge.restype = None
     lib.arena_selective_scan_bwd.argtypes = ([ctypes.c_void_p] * 17 + [ctypes.POINTER(ctypes.c_long)]
                                              + [ctypes.c_long] * 6 + [ctypes.c_int] * 2)
     lib.arena_selective_scan.restype = lib.arena_selective_scan_bwd.restype = ctypes.c_int
+    lib.arena_selective_scan_grid.restype = ctypes.c_int
     return lib
 
 
@@ -112,14 +118,19 @@ def _rows(t: Tensor, inner: int) -> Tensor:
     return t if ok else t.contiguous()
 
 
-def _walk(seqs: list[Tensor | None], length: int, reverse: bool) -> tuple[list[int | None], ctypes.Array]:
-    """Each sequence's pointer at the scan's first step and its (batch, token) strides, as the kernels take them:
-    a reversed scan starts at the last token and steps back."""
+def _walk(seqs: list[Tensor | None], tokens: Sequence[int], reverse: bool) -> tuple[list[int | None], ctypes.Array]:
+    """Each sequence's pointer at the scan's first step and its batch and token strides (one per token dim:
+    ``tokens`` are their sizes), as the kernels take them: a reversed scan starts at the last token and steps back."""
     pointers, strides = [], []
     for t in seqs:
-        first = 0 if t is None or not reverse else (length - 1) * t.stride(1)
-        pointers.append(None if t is None else t.data_ptr() + 4 * first)
-        strides += [0, 0] if t is None else [t.stride(0), -t.stride(1) if reverse else t.stride(1)]
+        if t is None:
+            pointers.append(None)
+            strides += [0] * (1 + len(tokens))
+            continue
+        steps = t.stride()[1:1 + len(tokens)]
+        first = sum((k - 1) * s for k, s in zip(tokens, steps)) if reverse else 0
+        pointers.append(t.data_ptr() + 4 * first)
+        strides += [t.stride(0), *(-s if reverse else s for s in steps)]
     return pointers, (ctypes.c_long * len(strides))(*strides)
 
 
@@ -141,24 +152,47 @@ def scan(lib: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     ``out`` holds is added to every token's output before the gate ``silu(z)`` (the other
     direction of a bidirectional scan, summed and gated in the same pass).
     """
-    b, l, d = u.shape
-    g, n = B.shape[2], B.shape[3]
+    return _launch(lib.arena_selective_scan, 1, u, delta, A, B, C, h, D=D, z=z, delta_bias=delta_bias,
+                   delta_softplus=delta_softplus, reverse=reverse, out=out, accumulate=accumulate)
+
+
+def scan_grid(lib: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor, *,
+              D: Tensor | None = None, z: Tensor | None = None, delta_bias: Tensor | None = None,
+              delta_softplus: bool = False, reverse: bool = False, out: Tensor | None = None,
+              accumulate: bool = False) -> Tensor:
+    """``scan`` over tokens laid out on a grid: ``u, delta, z`` [b, rows, cols, d], ``B, C`` [b, rows, cols, g, n].
+
+    The sequence is the grid read row after row (token ``t`` is row ``t // cols``, column
+    ``t % cols``), each dim with its own stride, so a route through a feature map is a view of
+    it: a channels-last map [b, H, W, d] gives the row-major route, its ``transpose(1, 2)`` the
+    column-major one, and ``reverse`` either backwards, all read in place. Otherwise as ``scan``;
+    returns fp32 [b, rows, cols, d].
+    """
+    return _launch(lib.arena_selective_scan_grid, 2, u, delta, A, B, C, h, D=D, z=z, delta_bias=delta_bias,
+                   delta_softplus=delta_softplus, reverse=reverse, out=out, accumulate=accumulate)
+
+
+def _launch(entry, token_dims: int, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor, *,
+            D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool, reverse: bool,
+            out: Tensor | None, accumulate: bool) -> Tensor:
+    """Check the buffers and call the kernel ``entry`` on tensors with ``token_dims`` token dims after the batch."""
+    b, *tokens, d = u.shape
+    g, n = B.shape[-2], B.shape[-1]
     if not (h.is_contiguous() and h.shape == (b, n, d) and h.dtype == torch.float32):
         raise ValueError(f"h must be a contiguous fp32 [batch, d_state, channels] = {(b, n, d)} tensor, "
                          f"got {tuple(h.shape)} {h.dtype}")
     if out is None:
         if accumulate:
             raise ValueError("accumulate adds to out: pass the tensor to add to as out")
-        out = torch.empty(b, l, d)
-    elif out.shape != (b, l, d) or out.dtype != torch.float32 or out.stride(-1) != 1:
-        raise ValueError(f"out must be fp32 [batch, length, channels] = {(b, l, d)} with contiguous channels, "
-                         f"got {tuple(out.shape)} {out.dtype}")
+        out = torch.empty(u.shape)
+    elif out.shape != u.shape or out.dtype != torch.float32 or out.stride(-1) != 1:
+        raise ValueError(f"out must be fp32 [batch, {'length' if token_dims == 1 else 'rows, cols'}, channels] = "
+                         f"{tuple(u.shape)} with contiguous channels, got {tuple(out.shape)} {out.dtype}")
     seqs = [_rows(u, 1), _rows(delta, 1), None if z is None else _rows(z, 1), _rows(B, 2), _rows(C, 2), out]
-    pointers, strides = _walk(seqs, l, reverse)
+    pointers, strides = _walk(seqs, tokens, reverse)
     vectors = _vectors(A, D, delta_bias)  # held here: the kernel reads them through raw pointers
-    rc = lib.arena_selective_scan(*pointers[:5], *map(_ptr, vectors),
-                                  pointers[5], h.data_ptr(), strides, b, l, d, n, g,
-                                  int(delta_softplus), int(accumulate), torch.get_num_threads())
+    rc = entry(*pointers[:5], *map(_ptr, vectors), pointers[5], h.data_ptr(), strides, b, *tokens, d, n, g,
+               int(delta_softplus), int(accumulate), torch.get_num_threads())
     _check_rc(rc, n, d, g)
     return out
 
@@ -235,6 +269,26 @@ def token_conv_wgrad(lib: ctypes.CDLL, x: Tensor, grad: Tensor, *, k: int, pad: 
     return taps.t(), bias
 
 
+def cross_scan(lib: ctypes.CDLL, x: Tensor) -> Tensor:
+    """A map [b, h, w, c] in VMamba's four route orders, time-major [b, h * w, 4, c] (fp32, one pass):
+    row-major, column-major, and both backwards."""
+    b, h, w, c = x.shape
+    x = x.float().contiguous()
+    seq = torch.empty(b, h * w, 4, c)
+    lib.arena_cross_scan(x.data_ptr(), seq.data_ptr(), b, h, w, c, torch.get_num_threads())
+    return seq
+
+
+def cross_merge(lib: ctypes.CDLL, seq: Tensor, h: int, w: int) -> Tensor:
+    """The four routes of ``seq`` [b, h * w, 4, c] summed back onto the map [b, h, w, c] (fp32, one pass):
+    ``cross_scan``'s adjoint, summed (route 0 + route 2) + (route 1 + route 3) per cell."""
+    b, _, _, c = seq.shape
+    seq = seq.float().contiguous()
+    out = torch.empty(b, h, w, c)
+    lib.arena_cross_merge(seq.data_ptr(), out.data_ptr(), b, h, w, c, torch.get_num_threads())
+    return out
+
+
 def _check_rc(rc: int, n: int, d: int, g: int) -> None:
     if rc == 1:
         raise ValueError(f"the fused CPU scan takes d_state <= {MAX_STATE} and channels divisible by groups, "
@@ -268,7 +322,7 @@ def scan_backward(lib: ctypes.CDLL, grad: Tensor, u: Tensor, delta: Tensor, A: T
     out = {k: torch.empty(shape) if given.get(k, True) else None for k, shape in shapes.items()}
     seqs = [_rows(u, 1), _rows(delta, 1), None if z is None else _rows(z, 1), _rows(B, 2), _rows(C, 2),
             _rows(grad, 1), out["u"], out["delta"], out["z"], out["B"][0]]
-    pointers, strides = _walk(seqs, l, reverse)
+    pointers, strides = _walk(seqs, (l,), reverse)
     vectors = _vectors(A, D, delta_bias)  # held here: the kernel reads them through raw pointers
     rc = lib.arena_selective_scan_bwd(*pointers[:5], *map(_ptr, vectors), *pointers[5:9],
                                       pointers[9], pointers[9] - out["B"].data_ptr() + out["C"].data_ptr(),

@@ -169,33 +169,63 @@ static inline vf step(const float *delta, vf bias, int softplus, long w) {
 /* Token strides of one block's tensors (in floats). */
 struct strides { long u, dt, z, b, c, y; };
 
-/* One block of w <= W channels over the whole sequence; pointers are at (t = 0, first channel). */
+/* One block of w <= W channels over the whole sequence; pointers are at (t = 0, first channel).
+ * Token t sits at (t / inner) * outer strides + (t % inner) * inner strides: a route through a 2D
+ * grid (rows, or columns) is read in place; a plain sequence has one outer step of len tokens. */
 static void scan_block(const float *u, const float *dt, const float *z, const float *B, const float *C,
-                       const float *At, const float *D, const float *bias, float *y, float *h, struct strides st,
-                       long len, long dim, long nstate, int softplus, int accumulate, long w) {
+                       const float *At, const float *D, const float *bias, float *y, float *h, struct strides so,
+                       struct strides si, long outer, long inner, long dim, long nstate, int softplus,
+                       int accumulate, long w) {
     vf a2[NMAX], hs[NMAX];  /* a2: A in base 2, so each decay is one vexp2 */
     for (long s = 0; s < nstate; s++) {
         a2[s] = load(At + s * dim, w) * LOG2E;
         hs[s] = load(h + s * dim, w);
     }
     const vf Dv = D ? load(D, w) : (vf){0}, bv = bias ? load(bias, w) : (vf){0};
-    for (long t = 0; t < len; t++) {
-        const float *Bt = B + t * st.b, *Ct = C + t * st.c;
-        const vf d = step(dt + t * st.dt, bv, softplus, w);
-        const vf ut = load(u + t * st.u, w), du = d * ut;
-        vf acc = Dv * ut;
-        for (long s = 0; s < nstate; s++) {
-            hs[s] = vexp2(d * a2[s]) * hs[s] + du * Bt[s];
-            acc += Ct[s] * hs[s];
+    for (long o = 0; o < outer; o++)
+        for (long t = 0; t < inner; t++) {
+#define AT(p, x) ((p) + o * so.x + t * si.x)
+            const float *Bt = AT(B, b), *Ct = AT(C, c);
+            const vf d = step(AT(dt, dt), bv, softplus, w);
+            const vf ut = load(AT(u, u), w), du = d * ut;
+            vf acc = Dv * ut;
+            for (long s = 0; s < nstate; s++) {
+                hs[s] = vexp2(d * a2[s]) * hs[s] + du * Bt[s];
+                acc += Ct[s] * hs[s];
+            }
+            if (accumulate) acc += load(AT(y, y), w);
+            if (z) {
+                const vf zt = load(AT(z, z), w);
+                acc *= zt * sigmoid(zt);
+            }
+            store(AT(y, y), acc, w);
+#undef AT
         }
-        if (accumulate) acc += load(y + t * st.y, w);
-        if (z) {
-            const vf zt = load(z + t * st.z, w);
-            acc *= zt * sigmoid(zt);
-        }
-        store(y + t * st.y, acc, w);
-    }
     for (long s = 0; s < nstate; s++) store(h + s * dim, hs[s], w);
+}
+
+/* arena_selective_scan over a 2D grid of tokens read in place: token t of the sequence is at
+ * (t / inner) * outer stride + (t % inner) * inner stride, with 18 strides in floats (batch, outer,
+ * inner of u, delta, z, B, C, y). A route through an image in row- or column-major order, forwards
+ * or (negative strides from the last token) backwards, is one call. */
+int arena_selective_scan_grid(const float *u, const float *dt, const float *z, const float *B, const float *C,
+                              const float *At, const float *D, const float *bias, float *y, float *h,
+                              const long *strides, long batch, long outer, long inner, long dim, long nstate,
+                              long groups, int softplus, int accumulate, int threads) {
+    if (nstate > NMAX || groups <= 0 || dim % groups) return 1;
+    const long dg = dim / groups, per_group = (dg + W - 1) / W, blocks = batch * groups * per_group;
+    const struct strides so = {strides[1], strides[4], strides[7], strides[10], strides[13], strides[16]};
+    const struct strides si = {strides[2], strides[5], strides[8], strides[11], strides[14], strides[17]};
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < blocks; i++) {
+        const long b = i / (groups * per_group), g = (i / per_group) % groups, k = i % per_group;
+        const long c0 = g * dg + k * W, w = dg - k * W < W ? dg - k * W : W;
+        scan_block(u + b * strides[0] + c0, dt + b * strides[3] + c0, z ? z + b * strides[6] + c0 : NULL,
+                   B + b * strides[9] + g * nstate, C + b * strides[12] + g * nstate, At + c0, D ? D + c0 : NULL,
+                   bias ? bias + c0 : NULL, y + b * strides[15] + c0,
+                   h + b * nstate * dim + c0, so, si, outer, inner, dim, nstate, softplus, accumulate, w);
+    }
+    return 0;
 }
 
 /* strides: batch and token strides of u, delta, z, B, C, y, in floats (12 numbers). z, D and bias may be NULL.
@@ -206,19 +236,57 @@ int arena_selective_scan(const float *u, const float *dt, const float *z, const 
                          const float *At, const float *D, const float *bias, float *y, float *h,
                          const long *strides, long batch, long len, long dim, long nstate, long groups,
                          int softplus, int accumulate, int threads) {
-    if (nstate > NMAX || groups <= 0 || dim % groups) return 1;
-    const long dg = dim / groups, per_group = (dg + W - 1) / W, blocks = batch * groups * per_group;
-    const struct strides st = {strides[1], strides[3], strides[5], strides[7], strides[9], strides[11]};
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long i = 0; i < blocks; i++) {
-        const long b = i / (groups * per_group), g = (i / per_group) % groups, k = i % per_group;
-        const long c0 = g * dg + k * W, w = dg - k * W < W ? dg - k * W : W;
-        scan_block(u + b * strides[0] + c0, dt + b * strides[2] + c0, z ? z + b * strides[4] + c0 : NULL,
-                   B + b * strides[6] + g * nstate, C + b * strides[8] + g * nstate, At + c0, D ? D + c0 : NULL,
-                   bias ? bias + c0 : NULL, y + b * strides[10] + c0,
-                   h + b * nstate * dim + c0, st, len, dim, nstate, softplus, accumulate, w);
+    long grid[18];
+    for (int i = 0; i < 6; i++) {  /* one outer step of len tokens */
+        grid[3 * i] = strides[2 * i];
+        grid[3 * i + 1] = 0;
+        grid[3 * i + 2] = strides[2 * i + 1];
     }
-    return 0;
+    return arena_selective_scan_grid(u, dt, z, B, C, At, D, bias, y, h, grid, batch, 1, len, dim, nstate, groups,
+                                     softplus, accumulate, threads);
+}
+
+/* VMamba's four routes through a map x [batch, h, w, c] (contiguous): row-major, column-major and
+ * both backwards, time-major in seq [batch, h * w, 4, c]. Grid cell (i, j) is token i * w + j of route 0,
+ * j * h + i of route 1, and the mirror images (len - 1 - t) of those of routes 2 and 3.
+ * arena_cross_scan copies the map into every route; arena_cross_merge sums the routes back onto the map,
+ * (route 0 + route 2) + (route 1 + route 3) per cell, as the PyTorch formulation adds them. Each is one
+ * pass over the map, split over (batch, row). */
+static inline void route_tokens(long i, long j, long h, long w, long t[4]) {
+    t[0] = i * w + j;
+    t[1] = j * h + i;
+    t[2] = h * w - 1 - t[0];
+    t[3] = h * w - 1 - t[1];
+}
+
+void arena_cross_scan(const float *x, float *seq, long batch, long h, long w, long c, int threads) {
+#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
+    for (long b = 0; b < batch; b++)
+        for (long i = 0; i < h; i++)
+            for (long j = 0; j < w; j++) {
+                long t[4];
+                route_tokens(i, j, h, w, t);
+                const float *src = x + ((b * h + i) * w + j) * c;
+                for (int k = 0; k < 4; k++) memcpy(seq + ((b * h * w + t[k]) * 4 + k) * c, src, c * sizeof(float));
+            }
+}
+
+void arena_cross_merge(const float *seq, float *out, long batch, long h, long w, long c, int threads) {
+#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
+    for (long b = 0; b < batch; b++)
+        for (long i = 0; i < h; i++)
+            for (long j = 0; j < w; j++) {
+                long t[4];
+                route_tokens(i, j, h, w, t);
+                const float *y[4];
+                for (int k = 0; k < 4; k++) y[k] = seq + ((b * h * w + t[k]) * 4 + k) * c;
+                float *o = out + ((b * h + i) * w + j) * c;
+                for (long ch = 0; ch < c; ch += W) {
+                    const long n = c - ch < W ? c - ch : W;
+                    const vf rows = load(y[0] + ch, n) + load(y[2] + ch, n), cols = load(y[1] + ch, n) + load(y[3] + ch, n);
+                    store(o + ch, rows + cols, n);
+                }
+            }
 }
 
 /* Mamba's depthwise conv along the tokens, then an activation, in one pass:
