@@ -465,3 +465,22 @@ def test_vim_streamed_inference_matches_autograd_path(monkeypatch, block):
         streamed, _ = model._forward_tokens(x)
     assert len(calls) == len(model.layers)
     assert (streamed - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+def test_vim_flops_are_counted_whichever_scan_runs(monkeypatch):
+    """FLOP counting (eval, no_grad) sees the scan and conv ops with their formulas, with the fused kernels on or off."""
+    from arena.bench import count_flops
+
+    model = create_backbone("vim_test")
+    counts = []
+    for kernel in ("auto", "torch"):
+        monkeypatch.setenv("ARENA_SCAN_KERNEL", kernel)
+        counts.append(count_flops(model, 64))
+    assert counts[0] == counts[1] > 0
+    monkeypatch.setenv("ARENA_SCAN_KERNEL", "auto")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(torch.zeros(1, 3, 64, 64))
+    ops = {str(op) for op in counter.get_flop_counts()["Global"]}
+    assert any("selective_scan" in op for op in ops) and any("depthwise_conv_tokens" in op for op in ops)
