@@ -196,9 +196,7 @@ class BiMamba(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xz = self.in_proj(x)  # [B, L, 2 * d_inner]
         # training on CPU: the fused kernels (under no_grad, as FLOP counting runs, the ops that count themselves)
-        fused = (torch.is_grad_enabled() and xz.device.type == "cpu" and xz.dtype == torch.float32
-                 and self.d_state <= scan_cpu.MAX_STATE)
-        lib = scan_cpu.kernel() if fused else None
+        lib = scan_cpu.kernel_for(xz) if torch.is_grad_enabled() and self.d_state <= scan_cpu.MAX_STATE else None
         if lib is not None:
             return self.out_proj(_BiScan.apply(lib, xz, *self._direction(""), *self._direction("_b")))
         y = (self._scan(xz, "") + self._scan(xz.flip(1), "_b").flip(-1)) / 2

@@ -69,14 +69,9 @@ def _copy_routes(grid: torch.Tensor, seq: torch.Tensor, *, to_seq: bool) -> None
         dst.copy_(src.flip(1, 2) if k >= 2 else src)
 
 
-def _fused(x: torch.Tensor):
-    """The compiled CPU kernels when they can reorder ``x`` (an fp32 CPU tensor), else None."""
-    return scan_cpu.kernel() if x.device.type == "cpu" and x.dtype == torch.float32 else None
-
-
 def _to_routes(x: torch.Tensor) -> torch.Tensor:
     """``cross_scan``'s copies: [B, H, W, C] (shared) or [B, H, W, 4, C] -> [B, H*W, 4, C]."""
-    lib = _fused(x) if x.ndim == 4 else None
+    lib = scan_cpu.kernel_for(x) if x.ndim == 4 else None
     if lib is not None:  # a shared map: one pass
         return scan_cpu.cross_scan(lib, x)
     b, h, w, *_, c = x.shape
@@ -87,7 +82,7 @@ def _to_routes(x: torch.Tensor) -> torch.Tensor:
 
 def _merge(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """``cross_merge``'s sum: [B, H*W, 4, C] -> [B, H, W, C] (one pass with the compiled kernels)."""
-    lib = _fused(ys)
+    lib = scan_cpu.kernel_for(ys)
     if lib is not None:
         return scan_cpu.cross_merge(lib, ys, h, w)
     b, _, _, c = ys.shape

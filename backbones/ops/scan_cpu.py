@@ -111,6 +111,11 @@ def kernel() -> ctypes.CDLL | None:
     return _load() if kernel_choice() == "auto" else None
 
 
+def kernel_for(x: Tensor) -> ctypes.CDLL | None:
+    """``kernel()`` when ``x`` is an fp32 CPU tensor (what the fused kernels read in place), else None."""
+    return kernel() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+
+
 def _rows(t: Tensor, inner: int) -> Tensor:
     """``t`` as fp32 with its last ``inner`` dims contiguous (a copy only when they are not)."""
     t = t.float()

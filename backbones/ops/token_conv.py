@@ -23,8 +23,8 @@ from . import scan_cpu
 
 def _kernel(x: Tensor, weight: Tensor):
     """The compiled kernels when they can run this conv (fp32 CPU tensors with contiguous channels), else None."""
-    fits = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.stride(2) == 1
-    return scan_cpu.kernel() if fits and weight.shape[1] <= scan_cpu.MAX_STATE else None
+    fits = weight.dtype == torch.float32 and x.stride(2) == 1 and weight.shape[1] <= scan_cpu.MAX_STATE
+    return scan_cpu.kernel_for(x) if fits else None
 
 
 @torch.library.custom_op("backbone_arena::depthwise_conv_tokens", mutates_args=())
