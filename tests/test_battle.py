@@ -146,8 +146,12 @@ def test_battle_config_covers_every_family_and_existing_tasks(make_cfg) -> None:
     backbones = params.backbone.split(",")
     assert {backbone_entry(b).family for b in backbones} == set(FAMILIES)
     assert all(not backbone_entry(b).tiny for b in backbones)
-    for task in params.task.split(","):
+    tasks = params.task.split(",")
+    for task in tasks:
         assert (ROOT / "conf" / "task" / f"{task}.yaml").exists(), task
+    # BoB's five task types: OOD comes from the classification cells' extra test sets
+    assert set(tasks) == {"classification", "detection", "segmentation", "retrieval"}
+    assert list(cfg.data.ood_tests) == ["sketch"]
     assert cfg.logger.wandb.group == "battle-default" and cfg.logger.wandb.offline
     assert cfg.hydra.sweep.dir == f"{cfg.paths.log_dir}/battles/default"
     assert cfg.hydra.sweep.subdir == f"classification/shapes/fine_tune/{cfg.backbone.name}/seed0"
