@@ -61,7 +61,7 @@ class Leaderboard:
     """``table``: one row per entry; ``cells``: one row per entry x setting (mean, std, seeds, z);
     ``missing``: entry x setting pairs without a complete record; ``failed``: failed records;
     ``unreadable``: records that could not be read (path, reason); ``bench``: the ``arena bench`` rows
-    used, if any."""
+    given, if any (all resolutions: the scaling plot)."""
 
     table: pd.DataFrame
     cells: pd.DataFrame
@@ -70,6 +70,7 @@ class Leaderboard:
     unreadable: pd.DataFrame
     bench: pd.DataFrame | None
     efficiency_axis: str  # the x axis of the Pareto front: infer_samples_per_sec or gmacs
+    bench_used: pd.DataFrame | None = None  # the bench rows in the table: each entry's at its records' resolution
 
 
 def record_settings(record: dict[str, Any]) -> list[tuple[str, str, str, float]]:
@@ -157,16 +158,14 @@ def _measured(bench: pd.DataFrame) -> pd.DataFrame:
 BENCH_COLUMNS = ["infer_samples_per_sec", "infer_peak_mem_mb", "train_samples_per_sec", "train_peak_mem_mb"]
 
 
-def _bench_columns(bench: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
-    """The bench row of each entry's architecture at its records' resolution (NaN when not benchmarked there):
-    the weights do not change the speed."""
+def _bench_rows(bench: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """The bench row of each entry's architecture at its records' resolution, indexed like ``table`` (absent when
+    not benchmarked there): the weights do not change the speed."""
     ok = _measured(bench)
-    out = pd.DataFrame(index=table.index, columns=BENCH_COLUMNS, dtype=float)
-    for i, name, size in zip(table.index, table["architecture"], table["image_size"]):
-        rows = ok[(ok["model"] == name) & (ok["infer_img_size"] == size)]
-        if len(rows):
-            out.loc[i, BENCH_COLUMNS] = rows.iloc[-1].reindex(BENCH_COLUMNS).astype(float).values
-    return out
+    rows = {i: ok[(ok["model"] == name) & (ok["infer_img_size"] == size)].iloc[-1]
+            for i, name, size in zip(table.index, table["architecture"], table["image_size"])
+            if ((ok["model"] == name) & (ok["infer_img_size"] == size)).any()}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=ok.columns)
 
 
 def build_leaderboard(records: Iterable[dict[str, Any]], bench: pd.DataFrame | None = None, *,
@@ -230,9 +229,10 @@ def build_leaderboard(records: Iterable[dict[str, Any]], bench: pd.DataFrame | N
         table[f"{name}_std"] = table[KEY].map(by["std"])
     table["seeds"] = table[KEY].map(cells.groupby(KEY)["seeds"].min()).astype("Int64")
 
-    axis = "gmacs"
+    axis, used = "gmacs", None
     if bench is not None and len(bench):
-        table = table.join(_bench_columns(bench, table))
+        used = _bench_rows(bench, table)
+        table = table.join(used.reindex(index=table.index, columns=BENCH_COLUMNS).astype(float))
         if table["infer_samples_per_sec"].notna().any():
             axis = "infer_samples_per_sec"
     table["pareto"] = pareto_front(table[axis], table["score"], x_higher_better=axis != "gmacs")
@@ -241,7 +241,7 @@ def build_leaderboard(records: Iterable[dict[str, Any]], bench: pd.DataFrame | N
              "coverage", "score"]
     table = table[front + [c for c in table.columns if c not in front + ["params", "flops", "image_size"]]]
     bad = pd.DataFrame(list(unreadable), columns=["path", "reason"])
-    return Leaderboard(table, cells, missing, failed, bad, bench, axis)
+    return Leaderboard(table, cells, missing, failed, bad, bench, axis, used)
 
 
 def group_summary(board: Leaderboard, by: str) -> pd.DataFrame:
@@ -305,19 +305,21 @@ def display_table(board: Leaderboard) -> pd.DataFrame:
     return out
 
 
-def bench_settings_line(bench: pd.DataFrame | None) -> str:
-    """Where the throughput and memory columns come from: ``arena bench``'s resolution, batch, device, threads,
-    precision and model form, read from its CSV columns."""
-    if bench is None or not len(bench):
+def bench_settings_line(board: Leaderboard) -> str:
+    """Where the throughput and memory columns come from: the ``arena bench`` rows in the table, their resolution,
+    batch, device, threads, clock, precision and the form inference was timed in (deploy: reparameterized)."""
+    ok = board.bench_used
+    if ok is None or not len(ok):
         return "No arena bench measurements: no throughput or memory columns."
-    ok = _measured(bench)
     parts = []
     for col, label in (("infer_img_size", "resolution (px)"), ("infer_batch_size", "batch"), ("device", "device"),
-                       ("threads", "threads"), ("clock", "clock"), ("precision", "precision"), ("form", "form")):
+                       ("threads", "threads"), ("clock", "clock"), ("precision", "precision")):
         if col in ok and ok[col].notna().any():
-            values = sorted({int(v) if isinstance(v, float) and v.is_integer() else v for v in ok[col].dropna()},
-                            key=str)
-            parts.append(f"{label} {', '.join(str(v) for v in values)}")
+            values = {int(v) if isinstance(v, float) and v.is_integer() else v for v in ok[col].dropna()}
+            parts.append(f"{label} {', '.join(str(v) for v in sorted(values, key=lambda v: (isinstance(v, str), v)))}")
+    if "infer_form" in ok and ok["infer_form"].notna().any():
+        forms = ok.dropna(subset=["infer_form"]).groupby("infer_form")["model"].agg(lambda m: ", ".join(sorted(set(m))))
+        parts.append("inference form " + ", ".join(f"{form} ({models})" for form, models in forms.items()))
     return "Throughput and memory measured by arena bench: " + "; ".join(parts) + "."
 
 
@@ -355,7 +357,7 @@ def _sections(board: Leaderboard, group: str | None) -> list[tuple[str, pd.DataF
 
 def to_markdown(board: Leaderboard, group: str | None = None) -> str:
     shown = display_table(board)
-    parts = ["# Leaderboard", "", FORMULA, "", bench_settings_line(board.bench), "",
+    parts = ["# Leaderboard", "", FORMULA, "", bench_settings_line(board), "",
              _markdown_table(shown, [header(c) for c in shown.columns])]
     for title, df in _sections(board, group):
         parts += ["", f"## {title}", "", _markdown_table(df.map(_fmt))]
@@ -561,7 +563,7 @@ def to_html(board: Leaderboard, images: Sequence[Path] = (), group: str | None =
     for img in images:
         data = base64.b64encode(Path(img).read_bytes()).decode()
         extra.append(f'<img alt="{html.escape(Path(img).stem)}" src="data:image/png;base64,{data}">')
-    return _HTML.format(formula=html.escape(FORMULA), settings=html.escape(bench_settings_line(board.bench)),
+    return _HTML.format(formula=html.escape(FORMULA), settings=html.escape(bench_settings_line(board)),
                         selects=selects, head=head, rows="\n".join(rows), extra="\n".join(extra))
 
 

@@ -151,10 +151,11 @@ def test_unreadable_records_are_listed_and_the_rest_scored(tmp_path: Path, capsy
            json.dumps(rec("c_net", "classification", 0.2) | {"metrics": None}): "metrics null is not an object",
            json.dumps(rec("c_net", "classification", 0.2) | {"seed": "zero"}): "seed 'zero' is not an integer"}
     _write_runs(tmp_path / "runs", [*good, *bad])
-    pd.DataFrame({"model": ["a_net", "b_net"], "family": ["hybrid", "state-space"], "infer_img_size": [64, 64],
-                  "infer_batch_size": [8, 8], "device": ["cpu", "cpu"], "threads": [2, 2],
-                  "infer_samples_per_sec": [10.0, 20.0], "infer_peak_mem_mb": [1.0, 2.0],
-                  "error": [None, None]}).to_csv(tmp_path / "runs" / "bench.csv", index=False)
+    pd.DataFrame({"model": ["a_net", "b_net", "a_net"], "family": ["hybrid", "state-space", "hybrid"],
+                  "infer_img_size": [64, 64, 128], "infer_batch_size": [8, 8, 8], "device": ["cpu"] * 3,
+                  "threads": [2] * 3, "infer_samples_per_sec": [10.0, 20.0, 3.0], "infer_peak_mem_mb": [1.0, 2.0, 4.0],
+                  "infer_form": ["deploy", "train", "deploy"],
+                  "error": [None] * 3}).to_csv(tmp_path / "runs" / "bench.csv", index=False)
     assert cli_main(["leaderboard", str(tmp_path / "runs")]) == 0
     out = tmp_path / "runs" / "leaderboard"
     board = pd.read_csv(out / "leaderboard.csv").set_index("entry")
@@ -170,7 +171,8 @@ def test_unreadable_records_are_listed_and_the_rest_scored(tmp_path: Path, capsy
     for text in (md, page, console.out):
         assert "Unreadable records" in text and "is not an integer" in text
         assert all(p in text for p in listed["path"])
-    assert "resolution (px) 64; batch 8; device cpu; threads 2" in md
+    # the settings of the rows the table uses (the records' 64 px, not the 128 px row), and the timed forms
+    assert "resolution (px) 64; batch 8; device cpu; threads 2; inference form deploy (a_net), train (b_net)." in md
 
 
 def test_no_readable_record_is_a_clear_error_not_a_crash(tmp_path: Path, capsys) -> None:
