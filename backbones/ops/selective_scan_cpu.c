@@ -18,6 +18,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else  /* built without OpenMP: one thread */
+static inline int omp_get_num_threads(void) { return 1; }
+static inline int omp_get_thread_num(void) { return 0; }
+#endif
 
 #define W 16      /* channels per block: one AVX-512 register, two AVX2 ones */
 #define NMAX 64   /* largest d_state held in registers / on the stack */
@@ -289,6 +295,16 @@ void arena_cross_merge(const float *seq, float *out, long batch, long h, long w,
             }
 }
 
+/* Calls body(c, w) for the blocks of W channels in [c0, c1), then for the tail (w < W): with w a constant
+ * in the first loop the compiler drops load's and store's partial-width paths, which otherwise cost half
+ * the time of a short loop body. */
+#define FOR_BLOCKS(c0, c1, body)                                              \
+    do {                                                                      \
+        long c_ = (c0);                                                       \
+        for (; c_ + W <= (c1); c_ += W) body(c_, W);                         \
+        if (c_ < (c1)) body(c_, (c1) - c_);                                   \
+    } while (0)
+
 /* Mamba's depthwise conv along the tokens, then an activation, in one pass:
  *   a[b, t, c] = bias[c] + sum_j w[j, c] * x[b, t + j - pad, c]   (x is 0 outside its len_in tokens)
  *   out = a (act 0), silu(a) (act 1), or g * silu'(a) (act 2: the gradient through the SiLU of g, the
@@ -302,19 +318,21 @@ void arena_token_conv(const float *x, long batch_stride, long token_stride, cons
     for (long b = 0; b < batch; b++)
         for (long t = 0; t < len; t++) {
             const long j0 = pad - t > 0 ? pad - t : 0, j1 = len_in + pad - t < k ? len_in + pad - t : k;
-            const float *xb = x + b * batch_stride;
+            const float *xt = x + b * batch_stride + (t - pad) * token_stride;
             const long row = (b * len + t) * dim;
-            for (long c = 0; c < dim; c += W) {
-                const long w = dim - c < W ? dim - c : W;
-                vf a = load(bias + c, w);
-                for (long j = j0; j < j1; j++) a += load(wt + j * dim + c, w) * load(xb + (t + j - pad) * token_stride + c, w);
-                if (act == 1) a *= sigmoid(a);
-                if (act == 2) {
-                    const vf s = sigmoid(a);
-                    a = load(g + row + c, w) * s * (1.0f + a * (1.0f - s));
-                }
-                store(out + row + c, a, w);
+#define CONV_BLOCK(c, w)                                                                             \
+            {                                                                                        \
+                vf a = load(bias + c, w);                                                            \
+                for (long j = j0; j < j1; j++) a += load(wt + j * dim + c, w) * load(xt + j * token_stride + c, w); \
+                if (act == 1) a *= sigmoid(a);                                                       \
+                if (act == 2) {                                                                      \
+                    const vf s = sigmoid(a);                                                         \
+                    a = load(g + row + c, w) * s * (1.0f + a * (1.0f - s));                          \
+                }                                                                                    \
+                store(out + row + c, a, w);                                                          \
             }
+            FOR_BLOCKS(0, dim, CONV_BLOCK);
+#undef CONV_BLOCK
         }
 }
 
@@ -323,40 +341,52 @@ void arena_token_conv(const float *x, long batch_stride, long token_stride, cons
 void arena_gate(const float *s, const float *z, long z_stride, const float *grad, float *y_or_ds, float *dz,
                 long dz_stride, long rows, long dim, float scale, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long r = 0; r < rows; r++)
-        for (long c = 0; c < dim; c += W) {
-            const long w = dim - c < W ? dim - c : W, i = r * dim + c;
-            const vf zt = load(z + r * z_stride + c, w), sz = sigmoid(zt), st = load(s + i, w) * scale;
-            if (!grad) {
-                store(y_or_ds + i, st * zt * sz, w);
-                continue;
-            }
-            const vf gt = load(grad + i, w);
-            store(dz + r * dz_stride + c, gt * st * sz * (1.0f + zt * (1.0f - sz)), w);
-            store(y_or_ds + i, gt * zt * sz * scale, w);
+    for (long r = 0; r < rows; r++) {
+#define GATE_BLOCK(c, w)                                                                             \
+        {                                                                                            \
+            const long i = r * dim + c;                                                              \
+            const vf zt = load(z + r * z_stride + c, w), sz = sigmoid(zt), st = load(s + i, w) * scale; \
+            if (!grad) {                                                                             \
+                store(y_or_ds + i, st * zt * sz, w);                                                 \
+            } else {                                                                                 \
+                const vf gt = load(grad + i, w);                                                     \
+                store(dz + r * dz_stride + c, gt * st * sz * (1.0f + zt * (1.0f - sz)), w);          \
+                store(y_or_ds + i, gt * zt * sz * scale, w);                                         \
+            }                                                                                        \
         }
+        FOR_BLOCKS(0, dim, GATE_BLOCK);
+#undef GATE_BLOCK
+    }
 }
 
 /* The weight and bias gradients of arena_token_conv (without SiLU) from the output's gradient g
  * [batch, len, dim] (contiguous): dw[j, c] = sum_{b, t} g[b, t, c] * x[b, t + j - pad, c], db[c] =
- * sum_{b, t} g[b, t, c]. x as in arena_token_conv. Split over blocks of W channels. */
+ * sum_{b, t} g[b, t, c]. x as in arena_token_conv. Token by token (rows read in order, which the
+ * prefetchers follow; a block of channels walked down the tokens would stride a whole row per load),
+ * summing into dwt and db themselves; the channels are split into one contiguous range per thread. */
 void arena_token_conv_wgrad(const float *x, long batch_stride, long token_stride, const float *g, float *dwt,
                             float *db, long batch, long len_in, long len, long dim, long k, long pad, int threads) {
     const long blocks = (dim + W - 1) / W;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long i = 0; i < blocks; i++) {
-        const long c = i * W, w = dim - c < W ? dim - c : W;
-        vf dw[NMAX], dbs = {0};
-        for (long j = 0; j < k; j++) dw[j] = (vf){0};
+    memset(dwt, 0, k * dim * sizeof(float));
+    memset(db, 0, dim * sizeof(float));
+#pragma omp parallel num_threads(threads)
+    {
+        const int n = omp_get_num_threads(), id = omp_get_thread_num();
+        const long c0 = blocks * id / n * W, c1 = blocks * (id + 1) / n * W < dim ? blocks * (id + 1) / n * W : dim;
         for (long b = 0; b < batch; b++)
             for (long t = 0; t < len; t++) {
                 const long j0 = pad - t > 0 ? pad - t : 0, j1 = len_in + pad - t < k ? len_in + pad - t : k;
-                const vf gt = load(g + (b * len + t) * dim + c, w);
-                dbs += gt;
-                for (long j = j0; j < j1; j++) dw[j] += gt * load(x + b * batch_stride + (t + j - pad) * token_stride + c, w);
+                const float *xt = x + b * batch_stride + (t - pad) * token_stride, *gt = g + (b * len + t) * dim;
+#define WGRAD_BLOCK(c, w)                                                                            \
+                {                                                                                    \
+                    const vf gc = load(gt + c, w);                                                   \
+                    store(db + c, load(db + c, w) + gc, w);                                          \
+                    for (long j = j0; j < j1; j++)                                                   \
+                        store(dwt + j * dim + c, load(dwt + j * dim + c, w) + gc * load(xt + j * token_stride + c, w), w); \
+                }
+                FOR_BLOCKS(c0, c1, WGRAD_BLOCK);
+#undef WGRAD_BLOCK
             }
-        for (long j = 0; j < k; j++) store(dwt + j * dim + c, dw[j], w);
-        store(db + c, dbs, w);
     }
 }
 
