@@ -116,7 +116,7 @@ class _BiScan(torch.autograd.Function):
         x, z = xz[..., :d], xz[..., d:]
         grad_xz = torch.empty_like(xz)
         g = scan_cpu.gate_backward(lib, grad, total, z, grad_xz[..., d:], scale=0.5)  # each direction's output's
-        grads, grad_x = [], None
+        grads = []
         for backward, (taps, conv_bias, w_x, w_dt, dt_bias, A_log, D) in enumerate((params[:7], params[7:])):
             u, xdbl, dt = saved[3 * backward:3 * backward + 3]
             B, C = _b_c(xdbl, w_dt.shape[1])
@@ -131,13 +131,12 @@ class _BiScan(torch.autograd.Function):
             direction_taps, pad = _conv_taps(taps, bool(backward))
             grad_pre = scan_cpu.token_conv(lib, x, direction_taps, conv_bias, pad=pad, length=x.shape[1],
                                            silu_grad_of=grad_u)
-            dx = scan_cpu.token_conv(lib, grad_pre, direction_taps.flip(-1), grad_pre.new_zeros(d),
-                                     pad=taps.shape[-1] - 1 - pad, length=x.shape[1])
-            grad_x = dx if grad_x is None else grad_x.add_(dx)
+            scan_cpu.token_conv(lib, grad_pre, direction_taps.flip(-1), grad_pre.new_zeros(d),  # x's, both summed
+                                pad=taps.shape[-1] - 1 - pad, length=x.shape[1], out=grad_xz[..., :d],
+                                accumulate=bool(backward))
             grad_taps, grad_conv_bias = scan_cpu.token_conv_wgrad(lib, x, grad_pre, k=taps.shape[-1], pad=pad)
             grads += [grad_taps.flip(-1) if backward else grad_taps, grad_conv_bias, grad_w_x, grad_w_dt,
                       s["delta_bias"], s["A"] * A, s["D"]]
-        grad_xz[..., :d] = grad_x
         return None, grad_xz, *grads
 
 

@@ -212,6 +212,17 @@ def test_fused_conv_silu_and_gated_sum_of_two_directions(scan_kernel):
         got = scan_cpu.token_conv(lib, x, w, bias, pad=pad, length=length, silu=True)
         assert got.shape == (2, length, 37)
         assert _rel(got.transpose(1, 2), want) < 1e-6, (pad, length)
+        wide = torch.randn(2, length, 3 * 37, generator=g)  # into half of wider rows, then added to them
+        before = wide.clone()
+        scan_cpu.token_conv(lib, x, w, bias, pad=pad, length=length, out=wide[..., 37:74])
+        scan_cpu.token_conv(lib, x, w, bias, pad=pad, length=length, out=wide[..., 37:74], accumulate=True)
+        conv = F.conv1d(F.pad(x.transpose(1, 2), (pad, length + 3 - pad - 11)), w[:, None], bias, groups=37)
+        assert _rel(wide[..., 37:74].transpose(1, 2), 2 * conv) < 1e-6, (pad, length)
+        assert torch.equal(wide[..., :37], before[..., :37]) and torch.equal(wide[..., 74:], before[..., 74:])
+    with pytest.raises(ValueError, match="pass the tensor to add to as out"):
+        scan_cpu.token_conv(lib, x, w, bias, accumulate=True)
+    with pytest.raises(ValueError, match="contiguous channels"):
+        scan_cpu.token_conv(lib, x, w, bias, pad=3, length=11, out=torch.zeros(2, 37, 11).transpose(1, 2))
     b, d, l, n = 2, 37, 29, 5
     inputs = _inputs(b, d, l, n)
     tm = _time_major(inputs)

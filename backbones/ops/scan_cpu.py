@@ -82,7 +82,7 @@ def _load() -> ctypes.CDLL | None:
     lib.arena_selective_scan_grid.argtypes = ([ctypes.c_void_p] * 10 + [ctypes.POINTER(ctypes.c_long)]
                                               + [ctypes.c_long] * 6 + [ctypes.c_int] * 3)
     lib.arena_token_conv.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 3
-                                     + [ctypes.c_long] * 6 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int])
+                                     + [ctypes.c_long] * 8 + [ctypes.c_int] * 2 + [ctypes.c_void_p, ctypes.c_int])
     lib.arena_gate.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_long] + [ctypes.c_void_p] * 3
                                + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_int])
     lib.arena_token_conv_wgrad.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 3
@@ -211,7 +211,8 @@ def _conv_input(x: Tensor, k: int) -> tuple[int, int, int]:
 
 
 def token_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor, *, pad: int = 0, length: int | None = None,
-               silu: bool = False, silu_grad_of: Tensor | None = None) -> Tensor:
+               silu: bool = False, silu_grad_of: Tensor | None = None, out: Tensor | None = None,
+               accumulate: bool = False) -> Tensor:
     """Mamba's depthwise conv along the tokens of time-major ``x`` [b, t, d], then an activation, in one pass.
 
     Output token ``i`` is ``bias + sum_j weight[:, j] * x[:, i + j - pad]`` with ``x`` zero outside
@@ -219,16 +220,25 @@ def token_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor, *, pad
     ``t + pad - k + 1``: none) needs. ``x`` is read in place (any batch and token strides,
     contiguous channels), so no padded copy is made. With ``silu`` the output goes through SiLU;
     with ``silu_grad_of`` (the SiLU output's gradient, [b, length, d]) the result is that gradient
-    taken back through the SiLU, the conv being recomputed instead of saved. Returns fp32 [b, length, d].
+    taken back through the SiLU, the conv being recomputed instead of saved. The result, fp32
+    [b, length, d], is written into ``out`` when given (a view with contiguous channels, e.g. half
+    of a wider tensor), added to what it holds with ``accumulate``, and returned.
     """
     b, t, d = _conv_input(x, weight.shape[-1])
     k = weight.shape[-1]
     length = t + pad - k + 1 if length is None else length
-    out = torch.empty(b, length, d)
+    if out is None:
+        if accumulate:
+            raise ValueError("token_conv: accumulate=True adds into out; pass the tensor to add to as out")
+        out = torch.empty(b, length, d)
+    elif out.shape != (b, length, d) or out.dtype != torch.float32 or out.stride(2) != 1 or out.device != x.device:
+        raise ValueError(f"token_conv: out must be fp32 [{b}, {length}, {d}] with contiguous channels on "
+                         f"{x.device}, got {out.dtype} {tuple(out.shape)} (strides {out.stride()})")
     taps, bias = weight.reshape(d, k).float().t().contiguous(), bias.float().contiguous()
     g = None if silu_grad_of is None else silu_grad_of.float().contiguous()
     lib.arena_token_conv(x.data_ptr(), x.stride(0), x.stride(1), taps.data_ptr(), bias.data_ptr(), out.data_ptr(),
-                         b, t, length, d, k, pad, 2 if g is not None else int(silu), _ptr(g), torch.get_num_threads())
+                         out.stride(0), out.stride(1), b, t, length, d, k, pad, 2 if g is not None else int(silu),
+                         int(accumulate), _ptr(g), torch.get_num_threads())
     return out
 
 

@@ -310,16 +310,18 @@ void arena_cross_merge(const float *seq, float *out, long batch, long h, long w,
  *   out = a (act 0), silu(a) (act 1), or g * silu'(a) (act 2: the gradient through the SiLU of g, the
  *   SiLU output's gradient, [batch, len, dim] contiguous, which out may be).
  * x [batch, len_in, dim] with any batch and token strides (channels contiguous), w [k, dim] (taps
- * transposed), out [batch, len, dim] contiguous. Split over (batch, token). */
+ * transposed), out [batch, len, dim] with any batch and token strides (channels contiguous); with
+ * accumulate the result is added to what out holds. Split over (batch, token). */
 void arena_token_conv(const float *x, long batch_stride, long token_stride, const float *wt, const float *bias,
-                      float *out, long batch, long len_in, long len, long dim, long k, long pad, int act,
-                      const float *g, int threads) {
+                      float *out, long out_batch_stride, long out_token_stride, long batch, long len_in, long len,
+                      long dim, long k, long pad, int act, int accumulate, const float *g, int threads) {
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
     for (long b = 0; b < batch; b++)
         for (long t = 0; t < len; t++) {
             const long j0 = pad - t > 0 ? pad - t : 0, j1 = len_in + pad - t < k ? len_in + pad - t : k;
             const float *xt = x + b * batch_stride + (t - pad) * token_stride;
             const long row = (b * len + t) * dim;
+            float *o = out + b * out_batch_stride + t * out_token_stride;
 #define CONV_BLOCK(c, w)                                                                             \
             {                                                                                        \
                 vf a = load(bias + c, w);                                                            \
@@ -329,7 +331,8 @@ void arena_token_conv(const float *x, long batch_stride, long token_stride, cons
                     const vf s = sigmoid(a);                                                         \
                     a = load(g + row + c, w) * s * (1.0f + a * (1.0f - s));                          \
                 }                                                                                    \
-                store(out + row + c, a, w);                                                          \
+                if (accumulate) a += load(o + c, w);                                                 \
+                store(o + c, a, w);                                                                  \
             }
             FOR_BLOCKS(0, dim, CONV_BLOCK);
 #undef CONV_BLOCK
