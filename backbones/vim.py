@@ -45,6 +45,23 @@ from .ops.token_conv import depthwise_conv_tokens
 STREAM_BLOCK = 512  # tokens per step of streamed inference
 
 
+class _RMSNormCPU(torch.autograd.Function):
+    """RMSNorm by the fused CPU kernels: one pass per row forward and one backward (the formula's autograd
+    graph is six elementwise passes forward and more backward)."""
+
+    @staticmethod
+    def forward(ctx, lib, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        y, rstd = scan_cpu.rms_norm(lib, x, weight, eps)
+        ctx.lib = lib
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        return None, *scan_cpu.rms_norm_backward(ctx.lib, grad, x, weight, rstd), None
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a weight and no bias (``mamba_ssm``'s), computed in fp32."""
 
@@ -54,6 +71,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lib = scan_cpu.kernel_for(x) if self.weight.dtype == torch.float32 else None
+        if lib is not None:
+            return _RMSNormCPU.apply(lib, x, self.weight, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
 

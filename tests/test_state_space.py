@@ -275,6 +275,29 @@ def test_vim_mixer_matches_conv1d_and_the_sequential_scan(monkeypatch):
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dim", [37, 192])
+def test_vim_rms_norm_kernel_matches_its_formula_and_gradients(monkeypatch, dim):
+    """The fused RMSNorm (CPU fp32) against mamba_ssm's formula: output and both gradients, with a partial vector."""
+    if scan_cpu.kernel() is None:
+        pytest.skip("no fused CPU kernel here")
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(3, 7, dim, generator=g) * 3, 1 + 0.1 * torch.randn(dim, generator=g)
+    grad = torch.randn(3, 7, dim, generator=g)
+    results = []
+    for kernel in ("auto", "torch"):
+        monkeypatch.setenv("ARENA_SCAN_KERNEL", kernel)
+        norm = vim.RMSNorm(dim)
+        norm.weight.data.copy_(w)
+        leaf = x.clone().requires_grad_(True)
+        y = norm(leaf)
+        y.backward(grad)
+        results.append((y.detach(), leaf.grad, norm.weight.grad))
+    want = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-5) * w
+    assert torch.allclose(results[0][0], want, rtol=1e-6, atol=1e-6)
+    for got, ref in zip(results[0], results[1]):
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kernel", ["auto", "torch"])
 def test_depthwise_conv_tokens_matches_conv1d_and_counts_its_flops(monkeypatch, kernel):
     """Every padding, a strided input view, 37 channels (two vectors and a partial one), C kernels and PyTorch."""

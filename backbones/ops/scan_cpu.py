@@ -87,7 +87,10 @@ def _load() -> ctypes.CDLL | None:
                                + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_int])
     lib.arena_token_conv_wgrad.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 3
                                            + [ctypes.c_long] * 6 + [ctypes.c_int])
+    lib.arena_rms_norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_int]
+    lib.arena_rms_norm_bwd.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 2 + [ctypes.c_int]
     lib.arena_token_conv.restype = lib.arena_token_conv_wgrad.restype = lib.arena_gate.restype = None
+    lib.arena_rms_norm.restype = lib.arena_rms_norm_bwd.restype = None
     lib.arena_cross_scan.argtypes = lib.arena_cross_merge.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4 + [ctypes.c_int]
     lib.arena_cross_scan.restype = lib.arena_cross_merge.restype = None
     lib.arena_selective_scan_bwd.argtypes = ([ctypes.c_void_p] * 17 + [ctypes.POINTER(ctypes.c_long)]
@@ -272,6 +275,29 @@ def gate_backward(lib: ctypes.CDLL, grad: Tensor, s: Tensor, z: Tensor, dz: Tens
     lib.arena_gate(s.data_ptr(), z.data_ptr(), z_stride, grad.data_ptr(), ds.data_ptr(), dz.data_ptr(), dz_stride,
                    rows, d, scale, torch.get_num_threads())
     return ds
+
+
+def rms_norm(lib: ctypes.CDLL, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """RMSNorm over the last dim of fp32 ``x`` with ``weight``, one pass per row: returns y and each row's 1 / rms."""
+    x = x.contiguous()
+    d = x.shape[-1]
+    if weight.shape != (d,) or weight.dtype != torch.float32:
+        raise ValueError(f"rms_norm: weight must be fp32 [{d}], got {weight.dtype} {tuple(weight.shape)}")
+    weight = weight.contiguous()
+    y, rstd = torch.empty_like(x), x.new_empty(x.shape[:-1])
+    lib.arena_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(), rstd.numel(), d, eps,
+                       torch.get_num_threads())
+    return y, rstd
+
+
+def rms_norm_backward(lib: ctypes.CDLL, grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradients of ``rms_norm``'s ``x`` and ``weight`` from its output's ``grad`` (``rstd`` as it returned)."""
+    x, grad, weight = x.contiguous(), grad.float().contiguous(), weight.contiguous()
+    threads = torch.get_num_threads()
+    dx, parts = torch.empty_like(x), x.new_zeros(threads, x.shape[-1])
+    lib.arena_rms_norm_bwd(x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), grad.data_ptr(), dx.data_ptr(),
+                           parts.data_ptr(), rstd.numel(), x.shape[-1], threads)
+    return dx, parts.sum(0)
 
 
 def token_conv_wgrad(lib: ctypes.CDLL, x: Tensor, grad: Tensor, *, k: int, pad: int = 0) -> tuple[Tensor, Tensor]:

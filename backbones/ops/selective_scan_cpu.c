@@ -362,6 +362,53 @@ void arena_gate(const float *s, const float *z, long z_stride, const float *grad
     }
 }
 
+/* RMSNorm over rows of dim floats (Mamba's): y = x * rstd * wt with rstd = 1 / sqrt(mean(x^2) + eps),
+ * one pass per row; rstd [rows] is kept for the gradient. */
+void arena_rms_norm(const float *x, const float *wt, float *y, float *rstd, long rows, long dim, float eps,
+                    int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const float *xr = x + r * dim;
+        vf sq = {0};
+#define SQUARES(c, n) { const vf v = load(xr + c, n); sq += v * v; }
+        FOR_BLOCKS(0, dim, SQUARES);
+#undef SQUARES
+        const float inv = 1.0f / __builtin_sqrtf(hsum(sq) / (float)dim + eps);
+        rstd[r] = inv;
+#define SCALE(c, n) store(y + r * dim + c, load(xr + c, n) * inv * load(wt + c, n), n);
+        FOR_BLOCKS(0, dim, SCALE);
+#undef SCALE
+    }
+}
+
+/* The gradients of arena_rms_norm from y's gradient dy: dx = rstd * wt * dy - x * rstd^3 * mean(wt * dy * x),
+ * and wt's, sum over rows of dy * x * rstd, into dw_parts [threads, dim] (zeroed; one row per thread, summed
+ * by the caller). */
+void arena_rms_norm_bwd(const float *x, const float *wt, const float *rstd, const float *dy, float *dx,
+                        float *dw_parts, long rows, long dim, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float *dw = dw_parts + omp_get_thread_num() * dim;
+#pragma omp for schedule(static)
+        for (long r = 0; r < rows; r++) {
+            const float *xr = x + r * dim, *gr = dy + r * dim, inv = rstd[r];
+            vf dot = {0};
+#define DOT(c, n) dot += load(wt + c, n) * load(gr + c, n) * load(xr + c, n);
+            FOR_BLOCKS(0, dim, DOT);
+#undef DOT
+            const float k = inv * inv * inv * hsum(dot) / (float)dim;
+#define GRADS(c, n)                                                                                  \
+            {                                                                                        \
+                const vf xv = load(xr + c, n), gv = load(gr + c, n);                                 \
+                store(dx + r * dim + c, inv * load(wt + c, n) * gv - k * xv, n);                     \
+                store(dw + c, load(dw + c, n) + gv * xv * inv, n);                                   \
+            }
+            FOR_BLOCKS(0, dim, GRADS);
+#undef GRADS
+        }
+    }
+}
+
 /* The weight and bias gradients of arena_token_conv (without SiLU) from the output's gradient g
  * [batch, len, dim] (contiguous): dw[j, c] = sum_{b, t} g[b, t, c] * x[b, t + j - pad, c], db[c] =
  * sum_{b, t} g[b, t, c]. x as in arena_token_conv. Token by token (rows read in order, which the
