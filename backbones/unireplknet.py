@@ -61,6 +61,22 @@ class SqueezeExcite(nn.Module):
         return x * self.gate(x)[:, :, None, None]
 
 
+SQUARES_CHUNK = 1 << 18  # elements per partial sum of _squares_over_pixels: a 1 MiB fp32 temporary
+
+
+def _squares_over_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Sum over H, W of ``x * x`` [B, C] for a map with channels innermost (NHWC memory), over chunks of
+    pixel rows: a whole-map temporary of squares is as large as the map (32 MiB at UniRepLKNet-T's stage 1,
+    batch 8), freshly mapped and faulted in each call, which costs 4x the arithmetic."""
+    b, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view when channels are innermost
+    total = None
+    for part in rows.split(max(1, SQUARES_CHUNK // (b * c)), dim=1):
+        s = (part * part).sum(1)
+        total = s if total is None else total.add_(s)
+    return total
+
+
 class GlobalResponseNorm(nn.Module):
     """ConvNeXt-V2's GRN on NHWC inputs: ``(gamma * N(x) + 1) * x + beta``; ``beta`` is dropped in deploy form."""
 
@@ -74,9 +90,9 @@ class GlobalResponseNorm(nn.Module):
         if x.is_contiguous():  # H, W innermost: one fused pass
             gx = torch.linalg.vector_norm(x.flatten(2), dim=-1)
         else:
-            # over outer dims vector_norm is 5-7x slower on CPU than this; the clamp keeps the
-            # gradient of an all-zero channel 0 (as vector_norm's), not NaN
-            gx = (x * x).sum(dim=(2, 3)).clamp_min(torch.finfo(x.dtype).tiny).sqrt()
+            # over outer dims vector_norm is 5-7x slower on CPU than squares summed; the clamp keeps
+            # the gradient of an all-zero channel 0 (as vector_norm's), not NaN
+            gx = _squares_over_pixels(x).clamp_min(torch.finfo(x.dtype).tiny).sqrt()
         return self.gamma.view(1, -1) * (gx / (gx.mean(dim=1, keepdim=True) + 1e-6)) + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

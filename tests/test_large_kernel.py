@@ -354,8 +354,10 @@ def test_constructor_errors_name_the_bad_value() -> None:
         create_backbone("replknet_test").get_classifier()
 
 
-def test_grn_matches_convnext_v2_formula():
+@pytest.mark.parametrize("chunk", [url.SQUARES_CHUNK, 16])  # one partial sum, or one per pixel row
+def test_grn_matches_convnext_v2_formula(monkeypatch, chunk):
     """GRN: (gamma * N(x) + 1) * x + beta with N(x) = ||x||_2 over H, W / its mean over channels (ConvNeXt-V2)."""
+    monkeypatch.setattr(url, "SQUARES_CHUNK", chunk)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 6, 8, generator=g)  # NHWC
     grn = url.GlobalResponseNorm(8)
