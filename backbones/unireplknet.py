@@ -61,6 +61,7 @@ class SqueezeExcite(nn.Module):
         return x * self.gate(x)[:, :, None, None]
 
 
+PASS_BYTES = 8 << 20  # hidden map of the images a block computes together in inference (images_per_pass)
 SQUARES_CHUNK = 1 << 18  # elements per partial sum of _squares_over_pixels: a 1 MiB fp32 temporary
 
 
@@ -218,6 +219,26 @@ class UniRepLKNetBlock(nn.Module):
         self.gamma = nn.Parameter(torch.full((self.dim,), float(layer_scale_init_value))) if use_gamma else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step = self.images_per_pass(x)
+        if step >= x.shape[0]:
+            return self._forward(x)
+        out = torch.empty_like(x)  # x's memory format
+        for i in range(0, x.shape[0], step):
+            out[i:i + step] = self._forward(x[i:i + step])
+        return out
+
+    def images_per_pass(self, x: torch.Tensor) -> int:
+        """Images computed together: in inference (eval mode, no autograd), as many as keep the hidden map
+        within ``PASS_BYTES``. Every op of an eval-mode block is per image (the BNs use running statistics,
+        SE and GRN pool over one image's pixels), so the result is the same; what changes is that a large
+        batch's hidden map (32 MiB at stage 1 of UniRepLKNet-T, batch 8) is no longer freshly mapped and
+        faulted in by every block and streamed through memory by each of GELU, GRN and the 1x1 convs."""
+        if self.training or torch.is_grad_enabled():
+            return x.shape[0]
+        per_image = self.hidden * x.shape[2] * x.shape[3] * x.element_size()
+        return min(x.shape[0], max(1, PASS_BYTES // per_image))
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # the official SE -> pwconv1 -> GELU -> GRN -> pwconv2 on NHWC, computed in x's memory format, with
         # SE's gate and GRN's scale applied by pointwise_conv and GRN's bias moved into pwconv2's (W2 beta)
         y = self.norm(self.dwconv(x))

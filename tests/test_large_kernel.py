@@ -447,3 +447,27 @@ def test_each_stage_runs_in_one_memory_format() -> None:
     with torch.no_grad():
         model(torch.randn(2, 3, 64, 64))
     assert seen and all(seen)
+
+
+@pytest.mark.parametrize("deploy", [False, True])
+def test_unireplknet_block_in_passes_of_fewer_images_is_the_same_function(monkeypatch, deploy: bool) -> None:
+    """In inference a block computes its images in passes (images_per_pass); in eval mode that is exact,
+    and training (BN batch statistics) and autograd always take the whole batch."""
+    torch.manual_seed(0)
+    block = url.UniRepLKNetBlock(8, 13, layer_scale_init_value=0.5, deploy=deploy).eval()
+    for m in block.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(5, 8, 12, 12).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        whole = block(x)
+        assert block.images_per_pass(x) == 5
+        monkeypatch.setattr(url, "PASS_BYTES", 2 * block.hidden * 12 * 12 * 4)  # passes of 2, 2 and 1 images
+        assert block.images_per_pass(x) == 2
+        passes = block(x)
+    assert passes.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(passes, whole, rtol=1e-5, atol=1e-6)
+    assert block.images_per_pass(x) == 5  # autograd on: the whole batch
+    with torch.no_grad():
+        assert block.train().images_per_pass(x) == 5
