@@ -44,6 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from .allocator import keep_freed_memory
 from .records import atomic_path
 
 if TYPE_CHECKING:
@@ -333,7 +334,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                              channels_last=args.channels_last, compile=args.compile, warmup=args.warmup,
                              blocks=args.blocks, block_time=args.block_time, train=not args.no_train,
                              clock=args.clock, reparam=not args.no_reparam)
-    print(f"settings: {asdict(settings)}", file=sys.stderr)
+    kept = not args.glibc_allocator and keep_freed_memory()
+    print(f"settings: {asdict(settings)}; freed memory {'kept' if kept else 'returned'} (arena/allocator.py)",
+          file=sys.stderr)
 
     def show(row: dict[str, Any]) -> None:
         if row.get("error"):
@@ -371,5 +374,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                    help="time inference in the train form too (default: reparameterizable models in deploy form)")
     p.add_argument("--clock", choices=CLOCKS, default="wall",
                    help="cpu: one thread timed by its CPU time, steady on a busy machine (single-core throughput)")
+    p.add_argument("--glibc-allocator", action="store_true",
+                   help="leave glibc's malloc at its defaults (default: freed memory kept, as train.py runs)")
     p.add_argument("--out", help="CSV file (default: stdout)")
     p.set_defaults(func=_cmd_bench)

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from backbones import Backbone
 
+from .allocator import keep_freed_memory
 from .bench import count_flops, count_params
 from .config import resolve_data_config
 from .data.base import ArenaDataModule
@@ -99,6 +100,8 @@ def quiet_known_noise() -> None:
 def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
     """Instantiate everything a run needs from its composed config."""
     quiet_known_noise()
+    if cfg.get("keep_freed_memory", True):
+        keep_freed_memory()
     L.seed_everything(int(cfg.seed), workers=True)
     run_dir = Path(run_dir)
     backbone: Backbone = instantiate(cfg.backbone)

@@ -20,7 +20,10 @@ One process prints, in this order:
 With one thread (the default) the clock is the process's CPU time, which leaves out the time
 other processes take on a shared machine; times are the best of ``--repeats``. Read the ratios:
 absolute rates move with the machine's load. ``--quick`` is a smoke test (one repeat, 512 px
-instead of 1024, batch 2 instead of 8); its numbers are not the figures.
+instead of 1024, batch 2 instead of 8); its numbers are not the figures. Freed memory is kept in
+the process (``arena/allocator.py``), as ``train.py`` and ``arena bench`` run, for every model alike;
+``--glibc-allocator`` measures with glibc's defaults instead, where models with large activations
+(VMamba) fault their memory in again every step.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+from arena.allocator import keep_freed_memory  # noqa: E402
 from arena.bench import count_flops  # noqa: E402
 from backbones import create_backbone  # noqa: E402
 from resolution_scaling import build as build_resolution_models  # noqa: E402
@@ -145,13 +149,17 @@ def main() -> None:
     p.add_argument("--large", type=int, default=1024, help="the resolution of the Vim-Ti / DeiT-Ti comparison")
     p.add_argument("--matmul-size", type=int, default=1024)
     p.add_argument("--quick", action="store_true", help="smoke test: 1 repeat, batch 2, 512 px")
+    p.add_argument("--glibc-allocator", action="store_true",
+                   help="leave glibc's malloc at its defaults (default: freed memory kept, as train.py runs)")
     args = p.parse_args()
+    kept = not args.glibc_allocator and keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats, batch, large = (1, 2, 512) if args.quick else (args.repeats, 8, args.large)
     print(f"benchmarks/peers.py: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"best of {repeats} ({'CPU' if torch.get_num_threads() == 1 else 'wall'} time), "
-          f"{datetime.date.today()}{', QUICK (not figures)' if args.quick else ''}")
+          f"{datetime.date.today()}{', QUICK (not figures)' if args.quick else ''}; freed memory "
+          f"{'kept (arena/allocator.py, as train.py runs)' if kept else 'returned (glibc defaults)'}")
     rate = matmul_rate(args.matmul_size, max(repeats, 3))
     print(f"fp32 matmul {args.matmul_size}x{args.matmul_size}: {rate / 1e9:.1f} GFLOP/s\n")
 
