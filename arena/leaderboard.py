@@ -162,9 +162,11 @@ def _bench_rows(bench: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     """The bench row of each entry's architecture at its records' resolution, indexed like ``table`` (absent when
     not benchmarked there): the weights do not change the speed."""
     ok = _measured(bench)
-    rows = {i: ok[(ok["model"] == name) & (ok["infer_img_size"] == size)].iloc[-1]
-            for i, name, size in zip(table.index, table["architecture"], table["image_size"])
-            if ((ok["model"] == name) & (ok["infer_img_size"] == size)).any()}
+    rows = {}
+    for i, name, size in zip(table.index, table["architecture"], table["image_size"]):
+        match = ok[(ok["model"] == name) & (ok["infer_img_size"] == size)]
+        if len(match):
+            rows[i] = match.iloc[-1]
     return pd.DataFrame.from_dict(rows, orient="index", columns=ok.columns)
 
 
