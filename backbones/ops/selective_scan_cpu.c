@@ -252,47 +252,40 @@ int arena_selective_scan(const float *u, const float *dt, const float *z, const 
                                      softplus, accumulate, threads);
 }
 
-/* VMamba's four routes through a map x [batch, h, w, c] (contiguous): row-major, column-major and
- * both backwards, time-major in seq [batch, h * w, 4, c]. Grid cell (i, j) is token i * w + j of route 0,
+/* VMamba's four routes through a map [batch, h, w, c] (contiguous): row-major, column-major and both
+ * backwards, time-major in seq [batch, h * w, 4, c]. Grid cell (i, j) is token i * w + j of route 0,
  * j * h + i of route 1, and the mirror images (len - 1 - t) of those of routes 2 and 3.
  * arena_cross_scan copies the map into every route; arena_cross_merge sums the routes back onto the map,
- * (route 0 + route 2) + (route 1 + route 3) per cell, as the PyTorch formulation adds them. Each is one
- * pass over the map, split over (batch, row). */
-static inline void route_tokens(long i, long j, long h, long w, long t[4]) {
-    t[0] = i * w + j;
-    t[1] = j * h + i;
-    t[2] = h * w - 1 - t[0];
-    t[3] = h * w - 1 - t[1];
-}
-
-void arena_cross_scan(const float *x, float *seq, long batch, long h, long w, long c, int threads) {
+ * (route 0 + route 2) + (route 1 + route 3) per cell, as the PyTorch formulation adds them. Both walk the
+ * cells in one pass (cross_routes), split over (batch, row); merge says which way the data goes. */
+static void cross_routes(float *map, float *seq, long batch, long h, long w, long c, int merge, int threads) {
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
     for (long b = 0; b < batch; b++)
         for (long i = 0; i < h; i++)
             for (long j = 0; j < w; j++) {
-                long t[4];
-                route_tokens(i, j, h, w, t);
-                const float *src = x + ((b * h + i) * w + j) * c;
-                for (int k = 0; k < 4; k++) memcpy(seq + ((b * h * w + t[k]) * 4 + k) * c, src, c * sizeof(float));
+                const long t0 = i * w + j, t1 = j * h + i, t[4] = {t0, t1, h * w - 1 - t0, h * w - 1 - t1};
+                float *cell = map + ((b * h + i) * w + j) * c, *route[4];
+                for (int k = 0; k < 4; k++) route[k] = seq + ((b * h * w + t[k]) * 4 + k) * c;
+                if (!merge) {
+                    for (int k = 0; k < 4; k++) memcpy(route[k], cell, c * sizeof(float));
+                    continue;
+                }
+                for (long ch = 0; ch < c; ch += W) {
+                    const long n = c - ch < W ? c - ch : W;
+                    const vf rows = load(route[0] + ch, n) + load(route[2] + ch, n);
+                    const vf cols = load(route[1] + ch, n) + load(route[3] + ch, n);
+                    store(cell + ch, rows + cols, n);
+                }
             }
+}
+
+/* The map is only read by the scan and the routes only by the merge (the casts drop const for the shared walk). */
+void arena_cross_scan(const float *x, float *seq, long batch, long h, long w, long c, int threads) {
+    cross_routes((float *)x, seq, batch, h, w, c, 0, threads);
 }
 
 void arena_cross_merge(const float *seq, float *out, long batch, long h, long w, long c, int threads) {
-#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
-    for (long b = 0; b < batch; b++)
-        for (long i = 0; i < h; i++)
-            for (long j = 0; j < w; j++) {
-                long t[4];
-                route_tokens(i, j, h, w, t);
-                const float *y[4];
-                for (int k = 0; k < 4; k++) y[k] = seq + ((b * h * w + t[k]) * 4 + k) * c;
-                float *o = out + ((b * h + i) * w + j) * c;
-                for (long ch = 0; ch < c; ch += W) {
-                    const long n = c - ch < W ? c - ch : W;
-                    const vf rows = load(y[0] + ch, n) + load(y[2] + ch, n), cols = load(y[1] + ch, n) + load(y[3] + ch, n);
-                    store(o + ch, rows + cols, n);
-                }
-            }
+    cross_routes(out, (float *)seq, batch, h, w, c, 1, threads);
 }
 
 /* Calls body(c, w) for the blocks of W channels in [c0, c1), then for the tail (w < W): with w a constant
