@@ -13,6 +13,7 @@ does too). On other C libraries it does nothing.
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import platform
 
@@ -31,3 +32,9 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
+def add_allocator_option(parser: argparse.ArgumentParser) -> None:
+    """``--glibc-allocator``, for the commands that time models as ``train.py`` runs them (freed memory kept)."""
+    parser.add_argument("--glibc-allocator", action="store_true",
+                        help="leave glibc's malloc at its defaults (default: freed memory kept, as train.py runs)")

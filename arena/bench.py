@@ -44,7 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from .allocator import keep_freed_memory
+from .allocator import add_allocator_option, keep_freed_memory
 from .records import atomic_path
 
 if TYPE_CHECKING:
@@ -374,7 +374,6 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                    help="time inference in the train form too (default: reparameterizable models in deploy form)")
     p.add_argument("--clock", choices=CLOCKS, default="wall",
                    help="cpu: one thread timed by its CPU time, steady on a busy machine (single-core throughput)")
-    p.add_argument("--glibc-allocator", action="store_true",
-                   help="leave glibc's malloc at its defaults (default: freed memory kept, as train.py runs)")
+    add_allocator_option(p)
     p.add_argument("--out", help="CSV file (default: stdout)")
     p.set_defaults(func=_cmd_bench)

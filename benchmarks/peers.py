@@ -41,7 +41,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from arena.allocator import keep_freed_memory  # noqa: E402
+from arena.allocator import add_allocator_option, keep_freed_memory  # noqa: E402
 from arena.bench import count_flops  # noqa: E402
 from backbones import create_backbone  # noqa: E402
 from resolution_scaling import build as build_resolution_models  # noqa: E402
@@ -149,8 +149,7 @@ def main() -> None:
     p.add_argument("--large", type=int, default=1024, help="the resolution of the Vim-Ti / DeiT-Ti comparison")
     p.add_argument("--matmul-size", type=int, default=1024)
     p.add_argument("--quick", action="store_true", help="smoke test: 1 repeat, batch 2, 512 px")
-    p.add_argument("--glibc-allocator", action="store_true",
-                   help="leave glibc's malloc at its defaults (default: freed memory kept, as train.py runs)")
+    add_allocator_option(p)
     args = p.parse_args()
     kept = not args.glibc_allocator and keep_freed_memory()
     if args.threads:
