@@ -20,6 +20,7 @@ True
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Sequence
 
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from torch import nn
+from torch.utils import flop_counter
 
 from ._features import Backbone, FeatureInfo, pretrained_cfg_for
 from ._registry import register_backbone
@@ -42,6 +44,32 @@ DILATED_BRANCHES: dict[int, tuple[tuple[int, int], ...]] = {
     17: ((5, 1), (9, 2), (3, 4), (3, 5), (3, 7)),
 }
 SMALL_KERNELS = (3, 5)  # plain depthwise convs, no dilated branches
+
+# oneDNN's linear with a fused GELU or residual add, the op PyTorch's CPU compiler emits for these
+# patterns; absent without oneDNN, where inference takes the general path
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+def _onednn_linear_flops(x_shape: Sequence[int], *args: Any, out_shape: Sequence[int], **kwargs: Any) -> int:
+    """FLOPs of ``_ONEDNN_LINEAR`` for ``torch.utils.flop_counter`` (2 x multiply-adds, as its ``mm``)."""
+    return 2 * math.prod(out_shape) * x_shape[-1]
+
+
+if _ONEDNN_LINEAR is not None and _ONEDNN_LINEAR not in flop_counter.flop_registry:
+    flop_counter.register_flop_formula(_ONEDNN_LINEAR)(_onednn_linear_flops)
+
+
+def nchw_kernel(kernel_size: int) -> bool:
+    """Whether a depthwise ``kernel_size`` conv is faster on NCHW than channels-last on CPU: 5-13 (PyTorch's
+    NCHW 13x13 is 1.3-2.3x faster than its channels-last one; 3x3 is ~3x slower at 56x56, above 13 much slower)."""
+    return 3 < kernel_size <= CPU_NCHW_MAX_KERNEL
+
+
+def fused_inference(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module`` computes ``x`` on the CPU inference path (``UniRepLKNetBlock.forward_inference``):
+    eval mode without autograd, fp32 on CPU, PyTorch built with oneDNN."""
+    return (_ONEDNN_LINEAR is not None and not module.training and not torch.is_grad_enabled()
+            and x.device.type == "cpu" and x.dtype == torch.float32)
 
 
 class SqueezeExcite(nn.Module):
@@ -61,7 +89,6 @@ class SqueezeExcite(nn.Module):
         return x * self.gate(x)[:, :, None, None]
 
 
-PASS_BYTES = 8 << 20  # hidden map of the images a block computes together in inference (images_per_pass)
 SQUARES_CHUNK = 1 << 18  # elements per partial sum of _squares_over_pixels: a 1 MiB fp32 temporary
 
 
@@ -219,40 +246,46 @@ class UniRepLKNetBlock(nn.Module):
         self.gamma = nn.Parameter(torch.full((self.dim,), float(layer_scale_init_value))) if use_gamma else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        step = self.images_per_pass(x)
-        if step >= x.shape[0]:
-            return self._forward(x)
-        out = torch.empty_like(x)  # x's memory format
-        for i in range(0, x.shape[0], step):
-            out[i:i + step] = self._forward(x[i:i + step])
-        return out
-
-    def images_per_pass(self, x: torch.Tensor) -> int:
-        """Images computed together: in inference (eval mode, no autograd), as many as keep the hidden map
-        within ``PASS_BYTES``. Every op of an eval-mode block is per image (the BNs use running statistics,
-        SE and GRN pool over one image's pixels), so the result is the same; what changes is that a large
-        batch's hidden map (32 MiB at stage 1 of UniRepLKNet-T, batch 8) is no longer freshly mapped and
-        faulted in by every block and streamed through memory by each of GELU, GRN and the 1x1 convs."""
-        if self.training or torch.is_grad_enabled():
-            return x.shape[0]
-        per_image = self.hidden * x.shape[2] * x.shape[3] * x.element_size()
-        return min(x.shape[0], max(1, PASS_BYTES // per_image))
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_inference(self, x):
+            return self.forward_inference(x)
         # the official SE -> pwconv1 -> GELU -> GRN -> pwconv2 on NHWC, computed in x's memory format, with
         # SE's gate and GRN's scale applied by pointwise_conv and GRN's bias moved into pwconv2's (W2 beta)
         y = self.norm(self.dwconv(x))
         y = pointwise_conv(y, self.pwconv1.weight, self.pwconv1.bias, self.se.gate(y), overwrite=True)
         # without autograd, GELU in place: on the large early maps a fresh output costs as much as GELU itself
         y = self.act(y) if y.requires_grad else torch.ops.aten.gelu_(y)
-        bias = self.pwconv2.bias
-        if self.grn.beta is not None:
-            grn_bias = self.pwconv2.weight @ self.grn.beta.flatten()
-            bias = grn_bias if bias is None else bias + grn_bias
-        y = self.pwconv2_bn(pointwise_conv(y, self.pwconv2.weight, bias, self.grn.channel_scale(y), overwrite=True))
+        y = self.pwconv2_bn(pointwise_conv(y, self.pwconv2.weight, self._pwconv2_bias(),
+                                           self.grn.channel_scale(y), overwrite=True))
         if self.gamma is not None:
             y = y * self.gamma.view(1, -1, 1, 1)
         return x + self.drop_path(y)
+
+    def _pwconv2_bias(self) -> torch.Tensor | None:
+        """``pwconv2``'s bias with GRN's bias moved in (``W2 beta``) in train form."""
+        if self.grn.beta is None:
+            return self.pwconv2.bias
+        grn_bias = self.pwconv2.weight @ self.grn.beta.flatten()
+        return grn_bias if self.pwconv2.bias is None else self.pwconv2.bias + grn_bias
+
+    @torch.no_grad()
+    def forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """The eval-mode block on CPU, output channels-last: pixels are the GEMM rows of the whole batch
+        (one GEMM per 1x1 conv, not one per image), GELU runs inside ``pwconv1``'s oneDNN GEMM and, in
+        deploy form, the residual add inside ``pwconv2``'s. A 5-13 depthwise conv reads an NCHW copy of
+        ``x``; SE's gate multiplies its output back into channels-last rows."""
+        b, c, h, w = x.shape
+        y = self.norm(self.dwconv(x.contiguous() if nchw_kernel(self.kernel_size) else x))
+        rows = torch.empty(b, h, w, c, dtype=x.dtype, device=x.device)
+        torch.mul(y.permute(0, 2, 3, 1), self.se.gate(y)[:, None, None, :], out=rows)
+        hidden = _ONEDNN_LINEAR(rows, self.pwconv1.weight, self.pwconv1.bias, "gelu", [], self.act.approximate)
+        hidden = hidden.mul_(self.grn.channel_scale(hidden.permute(0, 3, 1, 2))[:, None, None, :]).view(-1, self.hidden)
+        if self.deploy:
+            residual = x.permute(0, 2, 3, 1).reshape(-1, c)
+            out = _ONEDNN_LINEAR.binary(hidden, residual, self.pwconv2.weight, self._pwconv2_bias(), "add")
+            return out.view(b, h, w, c).permute(0, 3, 1, 2)
+        y = _ONEDNN_LINEAR(hidden, self.pwconv2.weight, self._pwconv2_bias(), "none", [], "")
+        y = self.pwconv2_bn(y.view(b, h, w, c).permute(0, 3, 1, 2))
+        return (y if self.gamma is None else y.mul_(self.gamma.view(1, -1, 1, 1))).add_(x)
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -300,13 +333,11 @@ class UniRepLKNet(Backbone):
             self.downsample_layers.append(nn.Sequential(
                 nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), LayerNorm2d(dims[i + 1], eps=1e-6)))
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
-        # On CPU each stage runs in one memory format, set at its start (the residual stream keeps it):
-        # NCHW where it has a kernel of 5-13 (PyTorch's NCHW depthwise 13x13 conv is 1.3-2.3x faster than
-        # its channels-last one; the stage's 3x3 convs are pinned to NCHW too, so that no block converts),
-        # channels-last otherwise (3x3 depthwise is ~3x faster at 56x56, kernels above 13 much faster).
+        # With autograd on CPU each stage runs in one memory format, set at its start (the residual stream
+        # keeps it): NCHW where it has a kernel of 5-13 (see nchw_kernel; the stage's 3x3 convs are pinned
+        # to NCHW too, so that no block converts), channels-last otherwise. Inference runs channels-last.
         self.stage_formats = tuple(
-            torch.contiguous_format if any(3 < k <= CPU_NCHW_MAX_KERNEL for k in ks) else torch.channels_last
-            for ks in kernel_sizes)
+            torch.contiguous_format if any(nchw_kernel(k) for k in ks) else torch.channels_last for ks in kernel_sizes)
         self.stages = nn.ModuleList()
         for i, ks in enumerate(kernel_sizes):
             start = sum(depths[:i])
@@ -346,8 +377,12 @@ class UniRepLKNet(Backbone):
         levels, cpu = [], x.device.type == "cpu"
         if cpu:  # the stem too runs channels-last: its LayerNorms then read NHWC rows without a copy
             x = x.contiguous(memory_format=torch.channels_last)
-        for down, stage, fmt in zip(self.downsample_layers, self.stages, self.stage_formats):
-            x = down(x)
+        formats = (torch.channels_last,) * 4 if fused_inference(self, x) else self.stage_formats
+        for down, stage, fmt in zip(self.downsample_layers, self.stages, formats):
+            # on a channels-last input PyTorch copies the conv's weight to channels-last on every call: where
+            # the map is the smaller of the two it is cheaper to convert (the last downsample of UniRepLKNet-T
+            # has 7.4 MB of weight, a batch-1 input 0.25 MB)
+            x = down(x.contiguous() if cpu and x.numel() < down[0].weight.numel() else x)
             x = stage(x.contiguous(memory_format=fmt) if cpu else x)
             levels.append(x)
         return levels

@@ -414,60 +414,64 @@ def official_block_forward(block: url.UniRepLKNetBlock, x: torch.Tensor) -> torc
     return x + y
 
 
+@pytest.mark.parametrize("onednn", [True, False])  # inference by the oneDNN path, or by the general one
 @pytest.mark.parametrize("deploy", [False, True])
 @pytest.mark.parametrize("kernel_size,size", [(3, 12), (13, 4), (13, 8)])  # maps above and below Cout pixels
-def test_block_equals_the_official_formulation(deploy: bool, kernel_size: int, size: int) -> None:
+def test_block_equals_the_official_formulation(monkeypatch, onednn: bool, deploy: bool, kernel_size: int,
+                                               size: int) -> None:
+    if not onednn:
+        monkeypatch.setattr(url, "_ONEDNN_LINEAR", None)
+    elif url._ONEDNN_LINEAR is None:
+        pytest.skip("PyTorch built without oneDNN")
     block = randomize_(url.UniRepLKNetBlock(16, kernel_size, deploy=deploy)).eval()
     g = torch.Generator().manual_seed(1)
     for batch in (1, 2):
         for fmt in (torch.contiguous_format, torch.channels_last):
             x = torch.randn(batch, 16, size, size, generator=g).contiguous(memory_format=fmt)
             with torch.no_grad():
+                assert url.fused_inference(block, x) == onednn
                 want = official_block_forward(block, x)
                 before = x.clone()
                 got = block(x)  # in place on its own intermediates only
                 assert torch.equal(x, before)
             assert_same_outputs([want], [got], rel=1e-5)
-            assert got.is_contiguous(memory_format=fmt) or batch == 1  # one image: the residual keeps x's format
+            # inference by oneDNN answers channels-last; otherwise the residual keeps x's format (one image: either)
+            out_fmt = torch.channels_last if onednn else fmt
+            assert got.is_contiguous(memory_format=out_fmt) or (batch == 1 and not onednn)
             xg = x.clone().requires_grad_(True)
-            out = block(xg)  # with autograd: out of place
+            assert not url.fused_inference(block, xg)
+            out = block(xg)  # with autograd: the general path, out of place
             assert_same_outputs([want], [out.detach()], rel=1e-5)
+            assert out.is_contiguous(memory_format=fmt) or batch == 1
             out.sum().backward()
             assert torch.isfinite(xg.grad).all()
 
 
+def test_inference_path_is_counted_like_the_general_one(monkeypatch) -> None:
+    """The oneDNN GEMMs of inference have a FLOP formula: ``count_flops`` (no autograd, so that path) agrees."""
+    if url._ONEDNN_LINEAR is None:
+        pytest.skip("PyTorch built without oneDNN")
+    model = create_backbone("unireplknet_test", deploy=True)
+    fused = count_flops(model, 64, batch_size=2)
+    monkeypatch.setattr(url, "_ONEDNN_LINEAR", None)
+    assert fused == count_flops(model, 64, batch_size=2) > 0
+
+
 def test_each_stage_runs_in_one_memory_format() -> None:
+    """With autograd each stage keeps its format (NCHW where a 5-13 kernel is); inference runs channels-last."""
     model = create_backbone("unireplknet_test", deploy=True).eval()  # kernels (3,), (13,), (13, 3), (13,)
     assert model.stage_formats == (torch.channels_last,) + (torch.contiguous_format,) * 3
     assert model.stages[2][1].dwconv.lk_origin.strategy == "plain"  # 3x3 among 13x13: NCHW, no conversion
     seen = []
-    for fmt, stage in zip(model.stage_formats, model.stages):
+    for i, stage in enumerate(model.stages):
         for block in stage:
-            block.register_forward_pre_hook(lambda m, i, fmt=fmt: seen.append(i[0].is_contiguous(memory_format=fmt)))
+            block.register_forward_pre_hook(lambda m, inp, i=i: seen.append((i, inp[0].is_contiguous(
+                memory_format=model.stage_formats[i] if torch.is_grad_enabled() else torch.channels_last))))
+    x = torch.randn(2, 3, 64, 64)
+    model(x)
     with torch.no_grad():
-        model(torch.randn(2, 3, 64, 64))
-    assert seen and all(seen)
+        inference = model(x)
+    assert len(seen) == 10 and all(ok for _, ok in seen)
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in inference) or url._ONEDNN_LINEAR is None
 
 
-@pytest.mark.parametrize("deploy", [False, True])
-def test_unireplknet_block_in_passes_of_fewer_images_is_the_same_function(monkeypatch, deploy: bool) -> None:
-    """In inference a block computes its images in passes (images_per_pass); in eval mode that is exact,
-    and training (BN batch statistics) and autograd always take the whole batch."""
-    torch.manual_seed(0)
-    block = url.UniRepLKNetBlock(8, 13, layer_scale_init_value=0.5, deploy=deploy).eval()
-    for m in block.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 1.5)
-    x = torch.randn(5, 8, 12, 12).to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        whole = block(x)
-        assert block.images_per_pass(x) == 5
-        monkeypatch.setattr(url, "PASS_BYTES", 2 * block.hidden * 12 * 12 * 4)  # passes of 2, 2 and 1 images
-        assert block.images_per_pass(x) == 2
-        passes = block(x)
-    assert passes.is_contiguous(memory_format=torch.channels_last)
-    assert torch.allclose(passes, whole, rtol=1e-5, atol=1e-6)
-    assert block.images_per_pass(x) == 5  # autograd on: the whole batch
-    with torch.no_grad():
-        assert block.train().images_per_pass(x) == 5
