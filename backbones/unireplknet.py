@@ -32,6 +32,7 @@ from torch.utils import flop_counter
 
 from ._features import Backbone, FeatureInfo, pretrained_cfg_for
 from ._registry import register_backbone
+from .ops import scan_cpu
 from .ops.large_kernel import CPU_NCHW_MAX_KERNEL, DepthwiseConv2d, center_pad, dilate_kernel, pop_bn
 
 # kernel size -> the parallel (kernel, dilation) branches of its Dilated Reparam Block (official defaults)
@@ -278,7 +279,12 @@ class UniRepLKNetBlock(nn.Module):
         rows = torch.empty(b, h, w, c, dtype=x.dtype, device=x.device)
         torch.mul(y.permute(0, 2, 3, 1), self.se.gate(y)[:, None, None, :], out=rows)
         hidden = _ONEDNN_LINEAR(rows, self.pwconv1.weight, self.pwconv1.bias, "gelu", [], self.act.approximate)
-        hidden = hidden.mul_(self.grn.channel_scale(hidden.permute(0, 3, 1, 2))[:, None, None, :]).view(-1, self.hidden)
+        lib = scan_cpu.kernel()
+        if lib is not None:  # the compiled kernels' GRN: two passes over the map instead of about ten ops
+            scan_cpu.grn_(lib, hidden, self.grn.gamma)
+        else:
+            hidden.mul_(self.grn.channel_scale(hidden.permute(0, 3, 1, 2))[:, None, None, :])
+        hidden = hidden.view(-1, self.hidden)
         if self.deploy:
             residual = x.permute(0, 2, 3, 1).reshape(-1, c)
             out = _ONEDNN_LINEAR.binary(hidden, residual, self.pwconv2.weight, self._pwconv2_bias(), "add")

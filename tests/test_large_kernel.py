@@ -18,6 +18,7 @@ from arena.bench import count_flops, count_params
 from backbones import create_backbone, list_backbones
 from backbones import replknet as rlk
 from backbones import unireplknet as url
+from backbones.ops import scan_cpu
 from backbones.ops.large_kernel import (STRATEGIES, DepthwiseConv2d, center_pad, default_strategy, depthwise_conv2d,
                                         dilate_kernel)
 
@@ -414,15 +415,19 @@ def official_block_forward(block: url.UniRepLKNetBlock, x: torch.Tensor) -> torc
     return x + y
 
 
-@pytest.mark.parametrize("onednn", [True, False])  # inference by the oneDNN path, or by the general one
+# inference by the oneDNN path with the compiled GRN kernel or PyTorch's GRN, or by the general path
+@pytest.mark.parametrize("path", ["onednn", "onednn-torch-grn", "general"])
 @pytest.mark.parametrize("deploy", [False, True])
 @pytest.mark.parametrize("kernel_size,size", [(3, 12), (13, 4), (13, 8)])  # maps above and below Cout pixels
-def test_block_equals_the_official_formulation(monkeypatch, onednn: bool, deploy: bool, kernel_size: int,
+def test_block_equals_the_official_formulation(monkeypatch, path: str, deploy: bool, kernel_size: int,
                                                size: int) -> None:
+    onednn = path != "general"
     if not onednn:
         monkeypatch.setattr(url, "_ONEDNN_LINEAR", None)
     elif url._ONEDNN_LINEAR is None:
         pytest.skip("PyTorch built without oneDNN")
+    if path == "onednn-torch-grn":
+        monkeypatch.setenv("ARENA_SCAN_KERNEL", "torch")
     block = randomize_(url.UniRepLKNetBlock(16, kernel_size, deploy=deploy)).eval()
     g = torch.Generator().manual_seed(1)
     for batch in (1, 2):
@@ -445,6 +450,30 @@ def test_block_equals_the_official_formulation(monkeypatch, onednn: bool, deploy
             assert out.is_contiguous(memory_format=fmt) or batch == 1
             out.sum().backward()
             assert torch.isfinite(xg.grad).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 4, 4, 64), (3, 5, 7, 37), (2, 9, 9, 130)])  # full and partial channel blocks
+def test_compiled_grn_equals_the_module(shape: tuple[int, ...], threads: int) -> None:
+    lib = scan_cpu.kernel()
+    if lib is None:
+        pytest.skip("no C compiler for the compiled kernels")
+    g = torch.Generator().manual_seed(0)
+    grn = url.GlobalResponseNorm(shape[-1], bias=False)
+    grn.gamma.data = torch.randn(grn.gamma.shape, generator=g)
+    x = torch.randn(shape, generator=g)
+    x[0, ..., 1] = 0.0  # an all-zero channel: scale 1, no NaN
+    want = grn(x).detach()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = x.clone()
+        assert scan_cpu.grn_(lib, got, grn.gamma.detach()) is got  # in place
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="contiguous"):
+        scan_cpu.grn_(lib, x.permute(0, 2, 1, 3), grn.gamma.detach())
 
 
 def test_inference_path_is_counted_like_the_general_one(monkeypatch) -> None:

@@ -8,6 +8,8 @@ recomputes the states a segment at a time and walks them backwards. It needs onl
 ``$XDG_CACHE_HOME/backbone-arena`` (``~/.cache`` by default), keyed by its source, flags and
 the CPU (``-march=native``), and loaded with ``ctypes``. Without a compiler, or with
 ``ARENA_SCAN_KERNEL=torch``, ``kernel()`` is None and the scan stays pure PyTorch.
+The same library holds the native models' other CPU loops: Vim's token conv, gate and RMSNorm,
+VMamba's cross-scan routes, UniRepLKNet's inference GRN (``grn_``); each has a PyTorch fallback.
 """
 from __future__ import annotations
 
@@ -91,6 +93,8 @@ def _load() -> ctypes.CDLL | None:
     lib.arena_rms_norm_bwd.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 2 + [ctypes.c_int]
     lib.arena_token_conv.restype = lib.arena_token_conv_wgrad.restype = lib.arena_gate.restype = None
     lib.arena_rms_norm.restype = lib.arena_rms_norm_bwd.restype = None
+    lib.arena_grn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_int]
+    lib.arena_grn.restype = None
     lib.arena_cross_scan.argtypes = lib.arena_cross_merge.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4 + [ctypes.c_int]
     lib.arena_cross_scan.restype = lib.arena_cross_merge.restype = None
     lib.arena_selective_scan_bwd.argtypes = ([ctypes.c_void_p] * 17 + [ctypes.POINTER(ctypes.c_long)]
@@ -288,6 +292,20 @@ def rms_norm(lib: ctypes.CDLL, x: Tensor, weight: Tensor, eps: float) -> tuple[T
     lib.arena_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(), rstd.numel(), d, eps,
                        torch.get_num_threads())
     return y, rstd
+
+
+def grn_(lib: ctypes.CDLL, x: Tensor, gamma: Tensor, eps: float = 1e-6) -> Tensor:
+    """ConvNeXt-V2's GRN without bias in place on fp32 channels-last rows ``x`` [B, ..., C] (contiguous):
+    ``x * (gamma * g / (mean_c g + eps) + 1)``, ``g`` each image's per-channel L2 norm over the pixels."""
+    c = x.shape[-1]
+    if not x.is_contiguous() or gamma.numel() != c or gamma.dtype != torch.float32:
+        raise ValueError(f"grn_: x must be contiguous with channels last and gamma fp32 [{c}], got x strides "
+                         f"{x.stride()}, gamma {gamma.dtype} {tuple(gamma.shape)}")
+    gamma = gamma.contiguous()
+    scale = x.new_empty(x.shape[0], c)
+    lib.arena_grn(x.data_ptr(), gamma.data_ptr(), scale.data_ptr(), x.shape[0], x[0].numel() // c, c, eps,
+                  torch.get_num_threads())
+    return x
 
 
 def rms_norm_backward(lib: ctypes.CDLL, grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:

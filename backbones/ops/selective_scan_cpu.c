@@ -374,6 +374,41 @@ void arena_rms_norm(const float *x, const float *wt, float *y, float *rstd, long
     }
 }
 
+/* ConvNeXt-V2's global response norm in place, for inference: per image of x [batch, pixels, dim]
+ * (channels-last rows, contiguous), x *= gamma * g / (mean_c g + eps) + 1 with g[c] the L2 norm of
+ * channel c over the pixels. Two passes per image: each thread sums the squares of its own range of
+ * channels down the pixel rows into scale [batch, dim] (the caller's), then the rows are scaled. */
+void arena_grn(float *x, const float *gamma, float *scale, long batch, long pixels, long dim, float eps,
+               int threads) {
+    const long blocks = (dim + W - 1) / W;
+    for (long b = 0; b < batch; b++) {
+        float *xb = x + b * pixels * dim, *sb = scale + b * dim;
+        memset(sb, 0, dim * sizeof(float));
+#pragma omp parallel num_threads(threads)
+        {
+            const int n = omp_get_num_threads(), id = omp_get_thread_num();
+            const long c0 = blocks * id / n * W, c1 = blocks * (id + 1) / n * W < dim ? blocks * (id + 1) / n * W : dim;
+            for (long p = 0; p < pixels; p++) {
+                const float *row = xb + p * dim;
+#define SQUARES_DOWN(c, w) { const vf v = load(row + c, w); store(sb + c, load(sb + c, w) + v * v, w); }
+                FOR_BLOCKS(c0, c1, SQUARES_DOWN);
+#undef SQUARES_DOWN
+            }
+        }
+        float total = 0.0f;
+        for (long c = 0; c < dim; c++) total += sb[c] = __builtin_sqrtf(sb[c]);
+        const float inv = 1.0f / (total / (float)dim + eps);
+        for (long c = 0; c < dim; c++) sb[c] = gamma[c] * sb[c] * inv + 1.0f;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (long p = 0; p < pixels; p++) {
+            float *row = xb + p * dim;
+#define SCALE_ROW(c, w) store(row + c, load(row + c, w) * load(sb + c, w), w);
+            FOR_BLOCKS(0, dim, SCALE_ROW);
+#undef SCALE_ROW
+        }
+    }
+}
+
 /* The gradients of arena_rms_norm from y's gradient dy: dx = rstd * wt * dy - x * rstd^3 * mean(wt * dy * x),
  * and wt's, sum over rows of dy * x * rstd, into dw_parts [threads, dim] (zeroed; one row per thread, summed
  * by the caller). */
