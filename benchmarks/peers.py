@@ -1,6 +1,6 @@
 """The native state-space and large-kernel models against their timm peers on this CPU, side by side.
 
-    python benchmarks/peers.py [--threads 1] [--repeats 5] [--quick]
+    python benchmarks/peers.py [--threads 1] [--repeats 5] [--min-seconds 20] [--quick]
 
 One process prints, in this order:
 
@@ -18,7 +18,9 @@ One process prints, in this order:
    ``selective_scan_ref`` (``benchmarks/selective_scan.py``).
 
 With one thread (the default) the clock is the process's CPU time, which leaves out the time
-other processes take on a shared machine; times are the best of ``--repeats``. Read the ratios:
+other processes take on a shared machine; times are the best of ``--repeats`` rounds, or of more
+when a phase's rounds took less than ``--min-seconds`` (batch-1 inference: about 3 s for 5 rounds,
+short enough for one burst of a neighbour's load on a shared host to slow them all). Read the ratios:
 absolute rates move with the machine's load. ``--quick`` is a smoke test (one repeat, 512 px
 instead of 1024, batch 2 instead of 8); its numbers are not the figures. Freed memory is kept in
 the process (``arena/allocator.py``), as ``train.py`` and ``arena bench`` run, for every model alike;
@@ -110,12 +112,12 @@ def ratio_cell(value: float, target: float | None) -> str:
     return f"{value:.2f}x {'ok' if value >= target else 'MISS'} (>= {target})"
 
 
-def resolution(size: int, repeats: int) -> list[str]:
+def resolution(size: int, repeats: int, min_seconds: float) -> list[str]:
     """Vim-Ti vs DeiT-Ti at ``size`` px, batch 1: time here, peak memory from ``resolution_scaling.py``."""
     models = build_resolution_models()
     x = torch.randn(1, 3, size, size)
     with torch.inference_mode():
-        t = time_interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, repeats)
+        t = time_interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, repeats, min_seconds=min_seconds)
     child = subprocess.run([sys.executable, str(HERE / "resolution_scaling.py"), "--sizes", str(size), "--threads",
                             str(torch.get_num_threads()), "--memory-json"], capture_output=True, text=True,
                            check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
@@ -145,6 +147,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's choice)")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per model; the best counts")
+    p.add_argument("--min-seconds", type=float, default=20.0,
+                   help="more passes until each timed phase has taken this long (wall time)")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--large", type=int, default=1024, help="the resolution of the Vim-Ti / DeiT-Ti comparison")
     p.add_argument("--matmul-size", type=int, default=1024)
@@ -155,8 +159,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats, batch, large = (1, 2, 512) if args.quick else (args.repeats, 8, args.large)
+    min_seconds = 0.0 if args.quick else args.min_seconds
     print(f"benchmarks/peers.py: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"best of {repeats} ({'CPU' if torch.get_num_threads() == 1 else 'wall'} time), "
+          f"best of {repeats}+ ({'CPU' if torch.get_num_threads() == 1 else 'wall'} time), "
           f"{datetime.date.today()}{', QUICK (not figures)' if args.quick else ''}; freed memory "
           f"{'kept (arena/allocator.py, as train.py runs)' if kept else 'returned (glibc defaults)'}")
     rate = matmul_rate(args.matmul_size, max(repeats, 3))
@@ -170,11 +175,11 @@ def main() -> None:
         m.eval()
     img_s = {}
     for b in (1, batch):
-        t = time_interleaved({k: inference_step(m, x[b]) for k, m in models.items()}, repeats)
+        t = time_interleaved({k: inference_step(m, x[b]) for k, m in models.items()}, repeats, min_seconds=min_seconds)
         img_s[f"infer {b}"] = {k: b / s for k, s in t.items()}
     for k in TRAINED:
         models[k].train()
-    t = time_interleaved({k: training_step(models[k], x[batch]) for k in TRAINED}, repeats)
+    t = time_interleaved({k: training_step(models[k], x[batch]) for k in TRAINED}, repeats, min_seconds=min_seconds)
     img_s[f"train {batch}"] = {k: batch / s for k, s in t.items()}
 
     cols = list(img_s)
@@ -199,7 +204,7 @@ def main() -> None:
     del models
 
     print(f"\nVim-Ti vs DeiT-Ti at {large} px, batch 1, inference")
-    print("\n".join(resolution(large, repeats)))
+    print("\n".join(resolution(large, repeats, min_seconds)))
     scan_batch = 1 if args.quick else 2
     print(f"\nselective scan at Vim-Ti shapes (batch {scan_batch}, d_inner 384, d_state 16, 197 tokens), "
           f"median of {repeats}")

@@ -23,8 +23,11 @@ def timing_args(description: str | None, **extra: dict) -> argparse.Namespace:
     return args
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Best-of-``repeats`` seconds of each callable, run round-robin so load changes hit all alike.
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                     min_seconds: float = 0.0) -> dict[str, float]:
+    """Best-of-N seconds of each callable, run round-robin so load changes hit all alike: N is
+    ``repeats`` rounds, or more until the rounds have taken ``min_seconds`` (a short phase, e.g.
+    batch-1 inference, otherwise fits inside one burst of another machine's load on a shared host).
 
     With one intra-op thread the clock is the process's CPU time, which leaves out the time the
     scheduler gives to other processes on a shared machine; with more threads it is wall time.
@@ -35,7 +38,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    start = time.perf_counter()
+    while len(times[next(iter(fns))]) < repeats or time.perf_counter() - start < min_seconds:
         for name, fn in fns.items():
             t0 = clock()
             fn()

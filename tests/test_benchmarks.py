@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,23 @@ def test_peers_quick_prints_the_matmul_rate_first_then_every_pair():
     assert float(time_row.split()[2]) > 0 and float(memory_row.split()[3]) > 0
     scan = {line.split()[0]: line for line in lines if line.startswith(("upstream-style", "fast, fused"))}
     assert set(scan) == {"upstream-style", "fast,"}
+
+
+def test_time_interleaved_runs_rounds_until_min_seconds():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from timing import time_interleaved
+
+    calls = {"a": 0, "b": 0}
+
+    def fn(name):
+        def run():
+            calls[name] += 1
+            time.sleep(0.005)
+        return run
+
+    best = time_interleaved({"a": fn("a"), "b": fn("b")}, repeats=2, warmup=1, min_seconds=0.1)
+    assert set(best) == {"a", "b"} and all(t >= 0 for t in best.values())
+    assert calls["a"] == calls["b"] >= 1 + 5  # warm-up + rounds until 0.1 s had passed (>= 0.01 s each), not 2
+    calls.update(a=0, b=0)
+    time_interleaved({"a": fn("a"), "b": fn("b")}, repeats=2, warmup=0)
+    assert calls == {"a": 2, "b": 2}
