@@ -32,7 +32,7 @@ from torch.utils import flop_counter
 
 from ._features import Backbone, FeatureInfo, pretrained_cfg_for
 from ._registry import register_backbone
-from .ops import scan_cpu
+from .ops import autotune, scan_cpu
 from .ops.large_kernel import CPU_NCHW_MAX_KERNEL, DepthwiseConv2d, center_pad, dilate_kernel, pop_bn
 
 # kernel size -> the parallel (kernel, dilation) branches of its Dilated Reparam Block (official defaults)
@@ -61,8 +61,9 @@ if _ONEDNN_LINEAR is not None and _ONEDNN_LINEAR not in flop_counter.flop_regist
 
 
 def nchw_kernel(kernel_size: int) -> bool:
-    """Whether a depthwise ``kernel_size`` conv is faster on NCHW than channels-last on CPU: 5-13 (PyTorch's
-    NCHW 13x13 is 1.3-2.3x faster than its channels-last one; 3x3 is ~3x slower at 56x56, above 13 much slower)."""
+    """Whether a stage with a depthwise ``kernel_size`` conv trains in NCHW on CPU: 5-13, where NCHW convs are
+    fast on some CPUs (AVX-512: 1.3-2.3x channels-last's at 13x13). Each conv still runs in the layout
+    ``tuned_strategy`` measures fastest on this CPU, converting its input where that differs."""
     return 3 < kernel_size <= CPU_NCHW_MAX_KERNEL
 
 
@@ -268,17 +269,41 @@ class UniRepLKNetBlock(nn.Module):
         grn_bias = self.pwconv2.weight @ self.grn.beta.flatten()
         return grn_bias if self.pwconv2.bias is None else self.pwconv2.bias + grn_bias
 
+    def _pwconv1_gelu(self, rows: torch.Tensor) -> torch.Tensor:
+        """GELU(pwconv1(rows)) on channels-last rows [b, h, w, c], by the fastest of ``autotune.fastest``'s
+        timing for this shape: oneDNN's GEMM with GELU fused (fastest on AVX-512), or oneDNN's or MKL's
+        (``F.linear``) GEMM followed by GELU (MKL's is 5-15% faster on AVX2)."""
+        w, bias, approximate = self.pwconv1.weight, self.pwconv1.bias, self.act.approximate
+        runs = {"onednn fused": lambda: _ONEDNN_LINEAR(rows, w, bias, "gelu", [], approximate),
+                "onednn": lambda: F.gelu(_ONEDNN_LINEAR(rows, w, bias, "none", [], ""), approximate=approximate),
+                "mkl": lambda: F.gelu(F.linear(rows, w, bias), approximate=approximate)}
+        key = ("pwconv1_gelu", autotune.bucket(rows.numel() // rows.shape[-1]), tuple(w.shape), approximate, rows.dtype)
+        return runs[autotune.fastest(key, runs, default="onednn fused")]()
+
+    def _pwconv2(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """pwconv2(hidden) (+ ``residual``) on rows [n, hidden], by the fastest for this shape: oneDNN's GEMM
+        with the add fused, or MKL's followed by the add."""
+        w, bias = self.pwconv2.weight, self._pwconv2_bias()
+        if residual is None:
+            runs = {"onednn": lambda: _ONEDNN_LINEAR(hidden, w, bias, "none", [], ""),
+                    "mkl": lambda: F.linear(hidden, w, bias)}
+        else:
+            runs = {"onednn": lambda: _ONEDNN_LINEAR.binary(hidden, residual, w, bias, "add"),
+                    "mkl": lambda: torch.addmm(bias, hidden, w.t()).add_(residual)}
+        key = ("pwconv2", autotune.bucket(hidden.shape[0]), tuple(w.shape), residual is None, hidden.dtype)
+        return runs[autotune.fastest(key, runs, default="onednn")]()
+
     @torch.no_grad()
     def forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """The eval-mode block on CPU, output channels-last: pixels are the GEMM rows of the whole batch
-        (one GEMM per 1x1 conv, not one per image), GELU runs inside ``pwconv1``'s oneDNN GEMM and, in
-        deploy form, the residual add inside ``pwconv2``'s. A 5-13 depthwise conv reads an NCHW copy of
-        ``x``; SE's gate multiplies its output back into channels-last rows."""
+        (one GEMM per 1x1 conv, not one per image); GELU and, in deploy form, the residual add run inside
+        oneDNN's GEMMs or after MKL's, the depthwise conv in NCHW or channels-last: whichever is measured
+        fastest for the shape on this CPU (``autotune``). SE's gate multiplies its output into channels-last rows."""
         b, c, h, w = x.shape
-        y = self.norm(self.dwconv(x.contiguous() if nchw_kernel(self.kernel_size) else x))
+        y = self.norm(self.dwconv(x))
         rows = torch.empty(b, h, w, c, dtype=x.dtype, device=x.device)
         torch.mul(y.permute(0, 2, 3, 1), self.se.gate(y)[:, None, None, :], out=rows)
-        hidden = _ONEDNN_LINEAR(rows, self.pwconv1.weight, self.pwconv1.bias, "gelu", [], self.act.approximate)
+        hidden = self._pwconv1_gelu(rows)
         lib = scan_cpu.kernel()
         if lib is not None:  # the compiled kernels' GRN: two passes over the map instead of about ten ops
             scan_cpu.grn_(lib, hidden, self.grn.gamma)
@@ -286,10 +311,9 @@ class UniRepLKNetBlock(nn.Module):
             hidden.mul_(self.grn.channel_scale(hidden.permute(0, 3, 1, 2))[:, None, None, :])
         hidden = hidden.view(-1, self.hidden)
         if self.deploy:
-            residual = x.permute(0, 2, 3, 1).reshape(-1, c)
-            out = _ONEDNN_LINEAR.binary(hidden, residual, self.pwconv2.weight, self._pwconv2_bias(), "add")
+            out = self._pwconv2(hidden, x.permute(0, 2, 3, 1).reshape(-1, c))
             return out.view(b, h, w, c).permute(0, 3, 1, 2)
-        y = _ONEDNN_LINEAR(hidden, self.pwconv2.weight, self._pwconv2_bias(), "none", [], "")
+        y = self._pwconv2(hidden, None)
         y = self.pwconv2_bn(y.view(b, h, w, c).permute(0, 3, 1, 2))
         return (y if self.gamma is None else y.mul_(self.gamma.view(1, -1, 1, 1))).add_(x)
 
@@ -340,8 +364,8 @@ class UniRepLKNet(Backbone):
                 nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), LayerNorm2d(dims[i + 1], eps=1e-6)))
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         # With autograd on CPU each stage runs in one memory format, set at its start (the residual stream
-        # keeps it): NCHW where it has a kernel of 5-13 (see nchw_kernel; the stage's 3x3 convs are pinned
-        # to NCHW too, so that no block converts), channels-last otherwise. Inference runs channels-last.
+        # keeps it): NCHW where it has a kernel of 5-13 (see nchw_kernel), channels-last otherwise; each
+        # depthwise conv converts to the layout measured fastest. Inference runs channels-last.
         self.stage_formats = tuple(
             torch.contiguous_format if any(nchw_kernel(k) for k in ks) else torch.channels_last for ks in kernel_sizes)
         self.stages = nn.ModuleList()
@@ -349,9 +373,7 @@ class UniRepLKNet(Backbone):
             start = sum(depths[:i])
             self.stages.append(nn.Sequential(*[
                 UniRepLKNetBlock(dims[i], k, drop_path=rates[start + j], layer_scale_init_value=layer_scale_init_value,
-                                 ffn_ratio=ffn_ratio, deploy=deploy,
-                                 dw_strategy="plain" if k <= 3 and self.stage_formats[i] == torch.contiguous_format
-                                 else None)
+                                 ffn_ratio=ffn_ratio, deploy=deploy)
                 for j, k in enumerate(ks)]))
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else None

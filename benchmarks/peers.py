@@ -72,13 +72,19 @@ NATIVE = ("vim_tiny", "vmamba_tiny", "unireplknet_t deploy")
 
 
 def cpu_model() -> str:
-    """The CPU's model name as Linux reports it (``lscpu``'s "Model name")."""
+    """The CPU as Linux reports it (model name, family and model numbers) and the vector ISA PyTorch uses:
+    one model name ("AMD EPYC") covers CPUs from AVX2 to AVX-512, and the figures differ between them."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                        platform.processor() or platform.machine())
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        return platform.processor() or platform.machine()
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    family = f"family {fields['cpu family']} model {fields['model']}, " if "cpu family" in fields else ""
+    return f"{name} ({family}{torch.backends.cpu.get_cpu_capability()})"
 
 
 def matmul_rate(size: int, repeats: int) -> float:

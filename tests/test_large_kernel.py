@@ -18,9 +18,9 @@ from arena.bench import count_flops, count_params
 from backbones import create_backbone, list_backbones
 from backbones import replknet as rlk
 from backbones import unireplknet as url
-from backbones.ops import scan_cpu
-from backbones.ops.large_kernel import (STRATEGIES, DepthwiseConv2d, center_pad, default_strategy, depthwise_conv2d,
-                                        dilate_kernel)
+from backbones.ops import autotune, scan_cpu
+from backbones.ops.large_kernel import (STRATEGIES, DepthwiseConv2d, center_pad, depthwise_conv2d,
+                                        dilate_kernel, tuned_strategy)
 
 UNIREPLKNET = ["unireplknet_a", "unireplknet_f", "unireplknet_p", "unireplknet_n", "unireplknet_t", "unireplknet_s",
                "unireplknet_b"]
@@ -87,11 +87,29 @@ def test_depthwise_dilation_and_errors() -> None:
         DepthwiseConv2d(4, 4)
 
 
-def test_default_strategy_follows_the_cpu_measurements() -> None:
-    assert [default_strategy(k, "cpu", 56 * 56) for k in (3, 5, 7, 9, 13)] == ["plain"] * 5
-    assert [default_strategy(k, "cpu", 14 * 14) for k in (3, 5, 7, 9, 13)] == ["channels_last"] * 3 + ["plain"] * 2
-    assert [default_strategy(k, "cpu", 7 * 7) for k in (15, 27, 29, 31)] == ["channels_last"] * 4
-    assert default_strategy(31, "cuda") == default_strategy(31, "meta") == "plain"
+@pytest.mark.parametrize("slower", ["plain", "channels_last"])
+def test_tuned_strategy_times_both_layouts_once_per_shape(monkeypatch, slower: str) -> None:
+    monkeypatch.setattr(autotune, "_PICKS", {})
+    timed = []
+
+    def fake_seconds(fn):  # each candidate is `lambda s=strategy: ...`
+        fn()
+        timed.append(1)
+        return 2.0 if fn.__defaults__[0] == slower else 1.0
+
+    monkeypatch.setattr(autotune, "_seconds", fake_seconds)
+    x, w = torch.randn(1, 4, 8, 8), torch.randn(4, 1, 13, 13)
+    want = "channels_last" if slower == "plain" else "plain"
+    assert tuned_strategy(x, w) == want
+    assert len(timed) == 2 * (1 + autotune.ROUNDS)  # within the clear margin: all rounds
+    assert tuned_strategy(x.clone(), w) == want and len(timed) == 2 * (1 + autotune.ROUNDS)  # cached per shape
+    assert tuned_strategy(torch.randn(1, 4, 7, 9), w) == want  # 63 pixels: the same power-of-two bucket as 64
+    assert len(timed) == 2 * (1 + autotune.ROUNDS)
+    tuned_strategy(x.contiguous(memory_format=torch.channels_last), w)  # another input layout: timed again
+    assert len(timed) == 4 * (1 + autotune.ROUNDS)
+    assert tuned_strategy(x, torch.randn(4, 1, 15, 15)) == "channels_last"  # above 13x13: untimed
+    assert len(timed) == 4 * (1 + autotune.ROUNDS)
+    torch.testing.assert_close(depthwise_conv2d(x, w), depthwise_conv2d(x, w, strategy="plain"))
 
 
 def test_depthwise_conv_module_is_a_conv2d() -> None:
@@ -415,8 +433,10 @@ def official_block_forward(block: url.UniRepLKNetBlock, x: torch.Tensor) -> torc
     return x + y
 
 
-# inference by the oneDNN path with the compiled GRN kernel or PyTorch's GRN, or by the general path
-@pytest.mark.parametrize("path", ["onednn", "onednn-torch-grn", "general"])
+# inference by the CPU path (each of the candidates autotune picks from: "onednn" forces the first of
+# each site, "onednn-second" the second, "mkl" the last) with the compiled GRN kernel or PyTorch's GRN,
+# or by the general path
+@pytest.mark.parametrize("path", ["onednn", "onednn-second", "mkl", "onednn-torch-grn", "general"])
 @pytest.mark.parametrize("deploy", [False, True])
 @pytest.mark.parametrize("kernel_size,size", [(3, 12), (13, 4), (13, 8)])  # maps above and below Cout pixels
 def test_block_equals_the_official_formulation(monkeypatch, path: str, deploy: bool, kernel_size: int,
@@ -428,6 +448,8 @@ def test_block_equals_the_official_formulation(monkeypatch, path: str, deploy: b
         pytest.skip("PyTorch built without oneDNN")
     if path == "onednn-torch-grn":
         monkeypatch.setenv("ARENA_SCAN_KERNEL", "torch")
+    pick = {"onednn-second": 1, "mkl": -1}.get(path, 0)
+    monkeypatch.setattr(autotune, "fastest", lambda key, runs, default: list(runs)[min(pick, len(runs) - 1)])
     block = randomize_(url.UniRepLKNetBlock(16, kernel_size, deploy=deploy)).eval()
     g = torch.Generator().manual_seed(1)
     for batch in (1, 2):
@@ -490,7 +512,6 @@ def test_each_stage_runs_in_one_memory_format() -> None:
     """With autograd each stage keeps its format (NCHW where a 5-13 kernel is); inference runs channels-last."""
     model = create_backbone("unireplknet_test", deploy=True).eval()  # kernels (3,), (13,), (13, 3), (13,)
     assert model.stage_formats == (torch.channels_last,) + (torch.contiguous_format,) * 3
-    assert model.stages[2][1].dwconv.lk_origin.strategy == "plain"  # 3x3 among 13x13: NCHW, no conversion
     seen = []
     for i, stage in enumerate(model.stages):
         for block in stage:

@@ -305,6 +305,9 @@ def test_fused_kernel_math_at_the_extremes():
         ref = selective_scan_ref(u.transpose(1, 2), delta.transpose(1, 2), A, B[:, :, :, 0].permute(0, 2, 1),
                                  C[:, :, :, 0].permute(0, 2, 1), delta_softplus=True)
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-37), a
+    delta[0, 6, 0] = float("nan")  # a NaN step reaches its token's output and every later one's, as in the reference
+    y = scan_cpu.scan(lib, u, delta, torch.full((1, 1), -1.0), B, C, torch.zeros(1, 1, 1), delta_softplus=True)
+    assert y[0, :6].isfinite().all() and y[0, 6:].isnan().all()
 
 
 def test_kernel_choice_and_fallback(monkeypatch, tmp_path, scan_kernel):

@@ -1,12 +1,14 @@
 """Depthwise 'same' convolution with large kernels, dispatched to the fastest strategy.
 
-On CPU, PyTorch's NCHW depthwise convolution leaves its fast path for kernels above 13x13
-(a 15x15 kernel is ~20x slower than a 13x13 one there), while the channels-last path stays fast at
-every size: channels-last is 14-40x faster above 13x13 and 1.5-2.6x slower at 13x13; up to 7x7
-it is 1.1-1.7x faster on maps of 14x14 and smaller and mostly slower on larger ones. FFT
-convolution is never the fastest at backbone resolutions (<= 56x56).
-``benchmarks/large_kernel_conv.py`` measures the strategies side by side; ``default_strategy``
-encodes its result. Other devices use plain ``F.conv2d`` (cuDNN picks its own algorithm).
+On CPU, which of PyTorch's NCHW and channels-last depthwise convolutions is fast depends on the
+kernel, the map, the channels and the CPU's vector ISA, by up to 12x either way: on an AVX-512
+CPU (AMD EPYC Zen 4) NCHW is 1.3-2.6x faster at 13x13 and ~20x slower above it; on an AVX2 one
+(Zen 3) NCHW is 9-12x slower at 11x11 and 13x13 and 15x slower at 3x3 on a 56x56 map with 80
+channels, faster at 5x5-9x9 on 14x14. So the strategy is measured, not assumed: the first call of
+each shape times both layouts (``tuned_strategy`` by ``autotune.fastest``) and later calls reuse
+the pick. FFT convolution is never the fastest at backbone resolutions
+(<= 56x56). ``benchmarks/large_kernel_conv.py`` measures the strategies side by side. Other
+devices use ``F.conv2d`` as given (cuDNN picks its own algorithm).
 
 The second half of the module is the algebra of structural reparameterization (BatchNorm
 folding, dilated and small kernels merged into a large one), shared by the large-kernel families.
@@ -22,22 +24,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import autotune
+
 STRATEGIES = ("plain", "channels_last", "fft")
-# The largest kernel for which NCHW depthwise convolution stays on PyTorch's fast CPU path.
+# Kernels above this size are channels-last on CPU without timing: NCHW is ~20x slower there on every
+# CPU measured, and timing it would cost one such call per shape.
 CPU_NCHW_MAX_KERNEL = 13
-# Small kernels (up to this size) on small maps (up to this many pixels) are faster channels-last.
-CPU_SMALL_KERNEL, CPU_SMALL_MAP = 7, 14 * 14
 
 
-def default_strategy(kernel_size: int, device_type: str, pixels: int | None = None) -> str:
-    """The fastest measured strategy for a ``kernel_size`` depthwise conv on a map of ``pixels`` (H * W)."""
-    if device_type != "cpu":
-        return "plain"
-    if kernel_size > CPU_NCHW_MAX_KERNEL:
+def tuned_strategy(x: torch.Tensor, weight: torch.Tensor, dilation: int = 1) -> str:
+    """'plain' (NCHW) or 'channels_last', whichever runs this CPU conv faster from ``x``'s own layout
+    (conversion included), timed by ``autotune.fastest`` on the first call of each shape (batch and pixel
+count rounded up to powers of two). Kernels above
+    ``CPU_NCHW_MAX_KERNEL`` are channels-last untimed; 'plain' is the default where nothing is timed."""
+    if weight.shape[-1] > CPU_NCHW_MAX_KERNEL:
         return "channels_last"
-    if kernel_size <= CPU_SMALL_KERNEL and pixels is not None and pixels <= CPU_SMALL_MAP:
-        return "channels_last"
-    return "plain"
+    xd, wd = x.detach(), weight.detach()
+    b, c, h, w = x.shape
+    key = ("depthwise", autotune.bucket(b), c, autotune.bucket(h * w), x.is_contiguous(), tuple(weight.shape),
+           dilation, x.dtype)
+    return autotune.fastest(key, {s: (lambda s=s: _layout_conv(xd, wd, None, dilation, s))
+                                  for s in ("plain", "channels_last")}, default="plain")
+
+
+def _layout_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int,
+                 strategy: str) -> torch.Tensor:
+    """The 'same' depthwise conv in NCHW ('plain') or channels-last memory."""
+    x = x.contiguous(memory_format=torch.channels_last if strategy == "channels_last" else torch.contiguous_format)
+    k = weight.shape[-1]
+    return F.conv2d(x, weight, bias, padding=dilation * (k - 1) // 2, dilation=dilation, groups=x.shape[1])
 
 
 def _fft_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -55,21 +70,22 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                      dilation: int = 1, strategy: str | None = None) -> torch.Tensor:
     """Stride-1 depthwise conv of ``x`` [B, C, H, W] with ``weight`` [C, 1, k, k], same-size output.
 
-    ``strategy`` is one of ``STRATEGIES``; ``None`` picks ``default_strategy``. The output may
-    be channels-last in memory (its shape is always NCHW).
+    ``strategy`` is one of ``STRATEGIES`` ('plain': NCHW memory); ``None`` picks ``tuned_strategy`` on
+    CPU and runs ``x`` as given elsewhere. The output may be channels-last in memory (its shape is
+    always NCHW).
     """
-    k = weight.shape[-1]
     if strategy is None:
-        strategy = default_strategy(k, x.device.type, x.shape[-2] * x.shape[-1])
+        if x.device.type != "cpu":
+            return F.conv2d(x, weight, bias, padding=dilation * (weight.shape[-1] - 1) // 2, dilation=dilation,
+                            groups=x.shape[1])
+        strategy = tuned_strategy(x, weight, dilation)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES} or None, got {strategy!r}")
     if strategy == "fft":
         if dilation != 1:
             raise ValueError(f"the fft strategy takes dilation=1 only, got dilation={dilation}")
         return _fft_depthwise(x, weight, bias)
-    if strategy == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return F.conv2d(x, weight, bias, padding=dilation * (k - 1) // 2, dilation=dilation, groups=x.shape[1])
+    return _layout_conv(x, weight, bias, dilation, strategy)
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -130,5 +146,5 @@ def center_pad(kernel: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(kernel, [pad] * 4)
 
 
-__all__ = ["STRATEGIES", "CPU_NCHW_MAX_KERNEL", "CPU_SMALL_KERNEL", "CPU_SMALL_MAP", "default_strategy",
+__all__ = ["STRATEGIES", "CPU_NCHW_MAX_KERNEL", "tuned_strategy",
            "depthwise_conv2d", "DepthwiseConv2d", "pop_bn", "pop_conv_bn", "dilate_kernel", "center_pad"]

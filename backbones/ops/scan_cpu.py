@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("selective_scan_cpu.c")
-BLOCK_WIDTH = 16  # channels per vector in the kernel (its W)
 MAX_STATE = 64  # the largest d_state it holds in registers (its NMAX)
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math")
 
@@ -95,6 +94,7 @@ def _load() -> ctypes.CDLL | None:
     lib.arena_rms_norm.restype = lib.arena_rms_norm_bwd.restype = None
     lib.arena_grn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_int]
     lib.arena_grn.restype = None
+    lib.arena_block_width.argtypes, lib.arena_block_width.restype = [], ctypes.c_int
     lib.arena_cross_scan.argtypes = lib.arena_cross_merge.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4 + [ctypes.c_int]
     lib.arena_cross_scan.restype = lib.arena_cross_merge.restype = None
     lib.arena_selective_scan_bwd.argtypes = ([ctypes.c_void_p] * 17 + [ctypes.POINTER(ctypes.c_long)]
@@ -374,7 +374,7 @@ def scan_backward(lib: ctypes.CDLL, grad: Tensor, u: Tensor, delta: Tensor, A: T
     g, n = B.shape[2], B.shape[3]
     # dB and dC: the kernel sums a group's channel blocks in `parts` runs, as many as keep the threads busy
     threads = torch.get_num_threads()
-    parts = min(-(-d // g // BLOCK_WIDTH), -(-threads // (b * g)))
+    parts = min(-(-d // g // lib.arena_block_width()), -(-threads // (b * g)))
     shapes = {"u": (b, l, d), "delta": (b, l, d), "z": (b, l, d), "B": (parts, b, l, g, n), "C": (parts, b, l, g, n),
               "A": (b, n, d), "D": (b, d), "delta_bias": (b, d)}
     given = {"z": z is not None, "D": D is not None, "delta_bias": delta_bias is not None}
