@@ -66,6 +66,13 @@ def test_defaults_where_nothing_is_timed(clock, monkeypatch) -> None:
         assert autotune.fastest("k", runs("a", "b"), default="b") == "b"
     monkeypatch.setenv("ARENA_AUTOTUNE", "0")
     assert autotune.fastest("k", runs("a", "b"), default="b") == "b"
+    monkeypatch.setenv("ARENA_AUTOTUNE", "1")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # Lightning's deterministic=True
+    try:
+        assert autotune.fastest("k", runs("a", "b"), default="b") == "b"
+    finally:
+        torch.use_deterministic_algorithms(before)
     assert clock.calls == []
     monkeypatch.setenv("ARENA_AUTOTUNE", "yes")
     with pytest.raises(ValueError, match="ARENA_AUTOTUNE must be '1'"):

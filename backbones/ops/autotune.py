@@ -8,7 +8,9 @@ more than a separate GELU on AVX2. So, as ``torch.backends.cudnn.benchmark`` doe
 dtype, threads, ...) and keeps the pick for the rest of the process. The candidates compute the same function; only rounding may differ.
 
 ``ARENA_AUTOTUNE=0`` turns timing off (every key takes its default), for runs that must pick the
-same way on every machine. Nothing is timed while compiling or inside a dispatch mode (FLOP
+same way on every machine; so does ``torch.use_deterministic_algorithms(True)`` (Lightning's
+``trainer.deterministic=true``), since picks timed anew in a resumed process could differ and
+change results at rounding level. Nothing is timed while compiling or inside a dispatch mode (FLOP
 counting, fake tensors), where the default is taken too.
 """
 from __future__ import annotations
@@ -27,11 +29,12 @@ _PICKS: dict[Hashable, str] = {}
 
 
 def enabled() -> bool:
-    """``ARENA_AUTOTUNE``: '1' (the default) times candidates, '0' takes every default."""
+    """``ARENA_AUTOTUNE``: '1' (the default) times candidates, '0' takes every default; off too under
+    ``torch.use_deterministic_algorithms`` (Lightning's ``deterministic=True``), as cuDNN's benchmark is."""
     value = os.environ.get("ARENA_AUTOTUNE", "1")
     if value not in ("0", "1"):
         raise ValueError(f"ARENA_AUTOTUNE must be '1' (time candidates on first use) or '0' (defaults), got {value!r}")
-    return value == "1"
+    return value == "1" and not torch.are_deterministic_algorithms_enabled()
 
 
 def bucket(n: int) -> int:
