@@ -209,7 +209,12 @@ struct strides { long u, dt, z, b, c, y; };
 
 /* One block of w <= W channels over the whole sequence; pointers are at (t = 0, first channel).
  * Token t sits at (t / inner) * outer strides + (t % inner) * inner strides: a route through a 2D
- * grid (rows, or columns) is read in place; a plain sequence has one outer step of len tokens. */
+ * grid (rows, or columns) is read in place; a plain sequence has one outer step of len tokens.
+ * CHUNK tokens at a time in three passes: their steps dt (softplus) and dt * u, then the recurrence,
+ * then D * u, the gate and the store. A token's softplus, decay and gate are one chain of dependent
+ * operations over 100 cycles long; with few states (VMamba's one) a token's work is short, and in
+ * one pass the core overlapped only the few tokens its reorder window held. */
+#define CHUNK 32
 static void scan_block(const float *u, const float *dt, const float *z, const float *B, const float *C,
                        const float *At, const float *D, const float *bias, float *y, float *h, struct strides so,
                        struct strides si, long outer, long inner, long dim, long nstate, int softplus,
@@ -220,23 +225,33 @@ static void scan_block(const float *u, const float *dt, const float *z, const fl
         hs[s] = load(h + s * dim, w);
     }
     const vf Dv = D ? load(D, w) : (vf){0}, bv = bias ? load(bias, w) : (vf){0};
+    vf ds[CHUNK], dus[CHUNK], ys[CHUNK];
     for (long o = 0; o < outer; o++)
-        for (long t = 0; t < inner; t++) {
-#define AT(p, x) ((p) + o * so.x + t * si.x)
-            const float *Bt = AT(B, b), *Ct = AT(C, c);
-            const vf d = step(AT(dt, dt), bv, softplus, w);
-            const vf ut = load(AT(u, u), w), du = d * ut;
-            vf acc = Dv * ut;
-            for (long s = 0; s < nstate; s++) {
-                hs[s] = vexp2(d * a2[s]) * hs[s] + du * Bt[s];
-                acc += Ct[s] * hs[s];
+        for (long t0 = 0; t0 < inner; t0 += CHUNK) {
+            const long n = inner - t0 < CHUNK ? inner - t0 : CHUNK;
+#define AT(p, x) ((p) + o * so.x + (t0 + i) * si.x)
+            for (long i = 0; i < n; i++) {
+                ds[i] = step(AT(dt, dt), bv, softplus, w);
+                dus[i] = ds[i] * load(AT(u, u), w);
             }
-            if (accumulate) acc += load(AT(y, y), w);
-            if (z) {
-                const vf zt = load(AT(z, z), w);
-                acc *= zt * sigmoid(zt);
+            for (long i = 0; i < n; i++) {
+                const float *Bt = AT(B, b), *Ct = AT(C, c);
+                vf acc = {0};
+                for (long s = 0; s < nstate; s++) {
+                    hs[s] = vexp2(ds[i] * a2[s]) * hs[s] + dus[i] * Bt[s];
+                    acc += Ct[s] * hs[s];
+                }
+                ys[i] = acc;
             }
-            store(AT(y, y), acc, w);
+            for (long i = 0; i < n; i++) {
+                vf acc = Dv * load(AT(u, u), w) + ys[i];
+                if (accumulate) acc += load(AT(y, y), w);
+                if (z) {
+                    const vf zt = load(AT(z, z), w);
+                    acc *= zt * sigmoid(zt);
+                }
+                store(AT(y, y), acc, w);
+            }
 #undef AT
         }
     for (long s = 0; s < nstate; s++) store(h + s * dim, hs[s], w);
@@ -519,6 +534,7 @@ static void scan_block_bwd(const float *u, const float *dt, const float *z, cons
                            int softplus, int add_bc, long w, vf *work) {
     const long nseg = (len + seg_len - 1) / seg_len;
     vf *entering = work, *hs = work + nseg * nstate, *es = hs + seg_len * nstate, *dts = es + seg_len * nstate;
+    vf *gzs = dts + seg_len, *dzs = gzs + seg_len, *sps = dzs + seg_len;  /* per-token factors, see below */
     vf a[NMAX], a2[NMAX], h[NMAX], dh[NMAX], dAs[NMAX], pb[NMAX], pc[NMAX];
     for (long s = 0; s < nstate; s++) {
         a[s] = load(At + s * dim, w);
@@ -536,8 +552,20 @@ static void scan_block_bwd(const float *u, const float *dt, const float *z, cons
     for (long seg = nseg - 1; seg >= 0; seg--) {
         const long t0 = seg * seg_len, t1 = t0 + seg_len < len ? t0 + seg_len : len;
         memcpy(h, entering + seg * nstate, nstate * sizeof(vf));
+        /* The segment's per-token factors first, each token independent of the others (the core
+         * overlaps their long chains of exp, log and division), then the recurrence and the walk back. */
         for (long t = t0; t < t1; t++) {
-            const vf d = dts[t - t0] = step(dt + t * st.dt, bv, softplus, w), du_ = d * load(u + t * st.u, w);
+            const long i = t - t0;
+            dts[i] = step(dt + t * st.dt, bv, softplus, w);
+            if (z) {
+                const vf zt = load(z + t * st.z, w), sz = sigmoid(zt);
+                gzs[i] = zt * sz;                       /* silu(z), the gate */
+                dzs[i] = sz * (1.0f + zt * (1.0f - sz));  /* silu'(z) */
+            }
+            if (softplus) sps[i] = sigmoid(load(dt + t * st.dt, w) + bv);  /* softplus' */
+        }
+        for (long t = t0; t < t1; t++) {
+            const vf d = dts[t - t0], du_ = d * load(u + t * st.u, w);
             for (long s = 0; s < nstate; s++) {
                 const long i = (t - t0) * nstate + s;
                 es[i] = vexp2(d * a2[s]);
@@ -551,11 +579,10 @@ static void scan_block_bwd(const float *u, const float *dt, const float *z, cons
             const float *Bt = B + t * st.b, *Ct = C + t * st.c;
             vf g = load(dy + t * st.dy, w);
             if (z) {
-                const vf zt = load(z + t * st.z, w), sz = sigmoid(zt);
                 vf y = Dv * ut;
                 for (long s = 0; s < nstate; s++) y += Ct[s] * ht[s];
-                store(dz + t * st.dz, g * y * sz * (1.0f + zt * (1.0f - sz)), w);
-                g *= zt * sz;
+                store(dz + t * st.dz, g * y * dzs[t - t0], w);
+                g *= gzs[t - t0];
             }
             vf dd = {0}, q = {0};  /* q = sum_n dh_t B_t: shared by du_t (times dt_t) and ddt_t (times u_t) */
             for (long s = 0; s < nstate; s++) {
@@ -572,7 +599,7 @@ static void scan_block_bwd(const float *u, const float *dt, const float *z, cons
             dd += ut * q;
             lane_sums(pb, nstate, dB + t * st.dbc, add_bc);
             lane_sums(pc, nstate, dC + t * st.dbc, add_bc);
-            if (softplus) dd *= sigmoid(load(dt + t * st.dt, w) + bv);
+            if (softplus) dd *= sps[t - t0];
             dDs += g * ut;
             dbs += dd;
             store(du + t * st.du, dx, w);
@@ -604,7 +631,7 @@ int arena_selective_scan_bwd(const float *u, const float *dt, const float *z, co
     /* segments as long as the buffer allows (a short sequence is one segment: no first pass), at least 32 tokens */
     const long max_seg = SEG_BYTES / (2 * nstate * (long)sizeof(vf)), seg_len = max_seg > 32 ? max_seg : 32;
     const long nseg = (len + seg_len - 1) / seg_len;
-    const size_t work_bytes = ((nseg + 2 * seg_len) * nstate + seg_len) * sizeof(vf);
+    const size_t work_bytes = ((nseg + 2 * seg_len) * nstate + 4 * seg_len) * sizeof(vf);
     const struct bwd_strides st = {strides[1], strides[3], strides[5], strides[7], strides[9], strides[11],
                                    strides[13], strides[15], strides[17], strides[19]};
     int failed = 0;
