@@ -2,10 +2,11 @@
 
 What is fast on a CPU depends on its vector ISA as much as on the shapes: PyTorch's NCHW
 depthwise conv is 1.3-2.6x faster than channels-last at 13x13 on an AVX-512 CPU and 9-12x
-slower on an AVX2 one; oneDNN's GELU fused into a GEMM saves a pass on AVX-512 and costs 15-25%
+slower on an AVX2 one; oneDNN's GELU fused into a GEMM saves a pass on AVX-512 and costs 5-30%
 more than a separate GELU on AVX2. So, as ``torch.backends.cudnn.benchmark`` does on GPUs,
 ``fastest`` times the candidates once per key (sizes rounded up to powers of two by ``bucket``,
-dtype, threads, ...) and keeps the pick for the rest of the process. The candidates compute the same function; only rounding may differ.
+dtype, threads, ...) and keeps the pick for the rest of the process. The candidates compute the
+same function; only rounding may differ.
 
 ``ARENA_AUTOTUNE=0`` turns timing off (every key takes its default), for runs that must pick the
 same way on every machine; so does ``torch.use_deterministic_algorithms(True)`` (Lightning's

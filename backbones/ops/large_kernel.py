@@ -35,8 +35,8 @@ CPU_NCHW_MAX_KERNEL = 13
 def tuned_strategy(x: torch.Tensor, weight: torch.Tensor, dilation: int = 1) -> str:
     """'plain' (NCHW) or 'channels_last', whichever runs this CPU conv faster from ``x``'s own layout
     (conversion included), timed by ``autotune.fastest`` on the first call of each shape (batch and pixel
-count rounded up to powers of two). Kernels above
-    ``CPU_NCHW_MAX_KERNEL`` are channels-last untimed; 'plain' is the default where nothing is timed."""
+    count rounded up to powers of two). Kernels above ``CPU_NCHW_MAX_KERNEL`` are channels-last untimed;
+    'plain' is the default where nothing is timed."""
     if weight.shape[-1] > CPU_NCHW_MAX_KERNEL:
         return "channels_last"
     xd, wd = x.detach(), weight.detach()
@@ -47,12 +47,17 @@ count rounded up to powers of two). Kernels above
                                   for s in ("plain", "channels_last")}, default="plain")
 
 
+def _same_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
+    """The 'same' depthwise conv of ``x`` in its own memory layout."""
+    return F.conv2d(x, weight, bias, padding=dilation * (weight.shape[-1] - 1) // 2, dilation=dilation,
+                    groups=x.shape[1])
+
+
 def _layout_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int,
                  strategy: str) -> torch.Tensor:
     """The 'same' depthwise conv in NCHW ('plain') or channels-last memory."""
-    x = x.contiguous(memory_format=torch.channels_last if strategy == "channels_last" else torch.contiguous_format)
-    k = weight.shape[-1]
-    return F.conv2d(x, weight, bias, padding=dilation * (k - 1) // 2, dilation=dilation, groups=x.shape[1])
+    fmt = torch.channels_last if strategy == "channels_last" else torch.contiguous_format
+    return _same_conv(x.contiguous(memory_format=fmt), weight, bias, dilation)
 
 
 def _fft_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -76,8 +81,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """
     if strategy is None:
         if x.device.type != "cpu":
-            return F.conv2d(x, weight, bias, padding=dilation * (weight.shape[-1] - 1) // 2, dilation=dilation,
-                            groups=x.shape[1])
+            return _same_conv(x, weight, bias, dilation)
         strategy = tuned_strategy(x, weight, dilation)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES} or None, got {strategy!r}")
