@@ -269,15 +269,26 @@ class UniRepLKNetBlock(nn.Module):
         grn_bias = self.pwconv2.weight @ self.grn.beta.flatten()
         return grn_bias if self.pwconv2.bias is None else self.pwconv2.bias + grn_bias
 
-    def _pwconv1_gelu(self, rows: torch.Tensor) -> torch.Tensor:
-        """GELU(pwconv1(rows)) on channels-last rows [b, h, w, c], by the fastest of ``autotune.fastest``'s
-        timing for this shape: oneDNN's GEMM with GELU fused (fastest on AVX-512), or oneDNN's or MKL's
-        (``F.linear``) GEMM followed by GELU (MKL's is 5-15% faster on AVX2)."""
+    def _pwconv1_gelu_grn(self, rows: torch.Tensor) -> torch.Tensor:
+        """GRN(GELU(pwconv1(rows))) on channels-last rows [b, h, w, c] (GRN's bias is in pwconv2's), by the
+        fastest for this shape of ``autotune.fastest``'s timing: oneDNN's GEMM with GELU fused (fastest on
+        AVX-512), or oneDNN's or MKL's (``F.linear``) GEMM with GELU computed in the compiled GRN's first
+        pass (on AVX2 MKL's GEMM is 5-15% faster, and the compiled GELU 1.6x ATen's)."""
         w, bias, approximate = self.pwconv1.weight, self.pwconv1.bias, self.act.approximate
-        runs = {"onednn fused": lambda: _ONEDNN_LINEAR(rows, w, bias, "gelu", [], approximate),
-                "onednn": lambda: F.gelu(_ONEDNN_LINEAR(rows, w, bias, "none", [], ""), approximate=approximate),
-                "mkl": lambda: F.gelu(F.linear(rows, w, bias), approximate=approximate)}
-        key = ("pwconv1_gelu", autotune.bucket(rows.numel() // rows.shape[-1]), tuple(w.shape), approximate, rows.dtype)
+        lib = scan_cpu.kernel()
+
+        def grn_(hidden: torch.Tensor, gelu: bool) -> torch.Tensor:
+            if lib is not None and not (gelu and approximate != "none"):  # the compiled GELU is the exact one
+                return scan_cpu.grn_(lib, hidden, self.grn.gamma, gelu=gelu)
+            if gelu:
+                hidden = torch.ops.aten.gelu_(hidden, approximate=approximate)
+            return hidden.mul_(self.grn.channel_scale(hidden.permute(0, 3, 1, 2))[:, None, None, :])
+
+        runs = {"onednn fused": lambda: grn_(_ONEDNN_LINEAR(rows, w, bias, "gelu", [], approximate), False),
+                "onednn": lambda: grn_(_ONEDNN_LINEAR(rows, w, bias, "none", [], ""), True),
+                "mkl": lambda: grn_(F.linear(rows, w, bias), True)}
+        key = ("pwconv1_gelu_grn", autotune.bucket(rows.numel() // rows.shape[-1]), tuple(w.shape), approximate,
+               rows.dtype, lib is not None)
         return runs[autotune.fastest(key, runs, default="onednn fused")]()
 
     def _pwconv2(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
@@ -296,20 +307,16 @@ class UniRepLKNetBlock(nn.Module):
     @torch.no_grad()
     def forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """The eval-mode block on CPU, output channels-last: pixels are the GEMM rows of the whole batch
-        (one GEMM per 1x1 conv, not one per image); GELU and, in deploy form, the residual add run inside
-        oneDNN's GEMMs or after MKL's, the depthwise conv in NCHW or channels-last: whichever is measured
+        (one GEMM per 1x1 conv, not one per image); GELU runs inside oneDNN's GEMM or the compiled GRN's
+        first pass, in deploy form the residual add inside oneDNN's GEMM or after MKL's, the depthwise conv
+        in NCHW or channels-last: whichever is measured
         fastest for the shape on this CPU (``autotune``). SE's gate multiplies its output into channels-last rows."""
         b, c, h, w = x.shape
         y = self.norm(self.dwconv(x))
         rows = torch.empty(b, h, w, c, dtype=x.dtype, device=x.device)
         torch.mul(y.permute(0, 2, 3, 1), self.se.gate(y)[:, None, None, :], out=rows)
-        hidden = self._pwconv1_gelu(rows)
-        lib = scan_cpu.kernel()
-        if lib is not None:  # the compiled kernels' GRN: two passes over the map instead of about ten ops
-            scan_cpu.grn_(lib, hidden, self.grn.gamma)
-        else:
-            hidden.mul_(self.grn.channel_scale(hidden.permute(0, 3, 1, 2))[:, None, None, :])
-        hidden = hidden.view(-1, self.hidden)
+        # the compiled GRN (when it builds): two passes over the map instead of about ten ops
+        hidden = self._pwconv1_gelu_grn(rows).view(-1, self.hidden)
         if self.deploy:
             out = self._pwconv2(hidden, x.permute(0, 2, 3, 1).reshape(-1, c))
             return out.view(b, h, w, c).permute(0, 3, 1, 2)

@@ -7,6 +7,7 @@ the models under test, and must load with ``strict=True`` after ``checkpoint_fil
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable
 
 import pytest
@@ -474,9 +475,10 @@ def test_block_equals_the_official_formulation(monkeypatch, path: str, deploy: b
             assert torch.isfinite(xg.grad).all()
 
 
+@pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", [(1, 4, 4, 64), (3, 5, 7, 37), (2, 9, 9, 130)])  # full and partial channel blocks
-def test_compiled_grn_equals_the_module(shape: tuple[int, ...], threads: int) -> None:
+def test_compiled_grn_equals_the_module(shape: tuple[int, ...], threads: int, gelu: bool) -> None:
     lib = scan_cpu.kernel()
     if lib is None:
         pytest.skip("no C compiler for the compiled kernels")
@@ -485,17 +487,35 @@ def test_compiled_grn_equals_the_module(shape: tuple[int, ...], threads: int) ->
     grn.gamma.data = torch.randn(grn.gamma.shape, generator=g)
     x = torch.randn(shape, generator=g)
     x[0, ..., 1] = 0.0  # an all-zero channel: scale 1, no NaN
-    want = grn(x).detach()
+    want = grn(F.gelu(x) if gelu else x).detach()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         got = x.clone()
-        assert scan_cpu.grn_(lib, got, grn.gamma.detach()) is got  # in place
+        assert scan_cpu.grn_(lib, got, grn.gamma.detach(), gelu=gelu) is got  # in place
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="contiguous"):
         scan_cpu.grn_(lib, x.permute(0, 2, 1, 3), grn.gamma.detach())
+
+
+def test_compiled_gelu_is_as_accurate_as_pytorchs() -> None:
+    """GRN with gamma 0 is the identity, so grn_(gelu=True) shows the compiled GELU alone: against the exact
+    GELU in fp64 it errs no more than PyTorch's own (both about 2e-7 of max(|x|, 1)); far tails are x and 0."""
+    lib = scan_cpu.kernel()
+    if lib is None:
+        pytest.skip("no C compiler for the compiled kernels")
+    x = torch.linspace(-12, 12, 240_001)
+    got = scan_cpu.grn_(lib, x.clone().view(1, -1, 1), torch.zeros(1), gelu=True).view(-1).double()
+    exact = 0.5 * x.double() * torch.special.erfc(-x.double() / math.sqrt(2))
+    scale = x.double().abs().clamp(min=1)
+    err, torch_err = ((got - exact).abs() / scale).max().item(), ((F.gelu(x).double() - exact).abs() / scale).max().item()
+    assert err < 3e-7 and torch_err < 3e-7, (err, torch_err)
+    special = torch.tensor([1e18, -1e18, 7.0, -7.0, 0.0, float("nan")])  # one image each (GRN per image)
+    out = scan_cpu.grn_(lib, special.clone().view(-1, 1, 1), torch.zeros(1), gelu=True).view(-1)
+    assert out[:5].tolist() == F.gelu(special[:5]).tolist() == [special[0].item(), 0.0, 7.0, 0.0, 0.0]
+    assert out[5].isnan()
 
 
 def test_inference_path_is_counted_like_the_general_one(monkeypatch) -> None:

@@ -92,7 +92,7 @@ def _load() -> ctypes.CDLL | None:
     lib.arena_rms_norm_bwd.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 2 + [ctypes.c_int]
     lib.arena_token_conv.restype = lib.arena_token_conv_wgrad.restype = lib.arena_gate.restype = None
     lib.arena_rms_norm.restype = lib.arena_rms_norm_bwd.restype = None
-    lib.arena_grn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_int]
+    lib.arena_grn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_float] + [ctypes.c_int] * 2
     lib.arena_grn.restype = None
     lib.arena_block_width.argtypes, lib.arena_block_width.restype = [], ctypes.c_int
     lib.arena_cross_scan.argtypes = lib.arena_cross_merge.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4 + [ctypes.c_int]
@@ -294,9 +294,10 @@ def rms_norm(lib: ctypes.CDLL, x: Tensor, weight: Tensor, eps: float) -> tuple[T
     return y, rstd
 
 
-def grn_(lib: ctypes.CDLL, x: Tensor, gamma: Tensor, eps: float = 1e-6) -> Tensor:
+def grn_(lib: ctypes.CDLL, x: Tensor, gamma: Tensor, eps: float = 1e-6, *, gelu: bool = False) -> Tensor:
     """ConvNeXt-V2's GRN without bias in place on fp32 channels-last rows ``x`` [B, ..., C] (contiguous):
-    ``x * (gamma * g / (mean_c g + eps) + 1)``, ``g`` each image's per-channel L2 norm over the pixels."""
+    ``x * (gamma * g / (mean_c g + eps) + 1)``, ``g`` each image's per-channel L2 norm over the pixels;
+    with ``gelu``, of ``GELU(x)`` (exact, erf form), computed in the same pass."""
     c = x.shape[-1]
     if not x.is_contiguous() or gamma.numel() != c or gamma.dtype != torch.float32:
         raise ValueError(f"grn_: x must be contiguous with channels last and gamma fp32 [{c}], got x strides "
@@ -304,7 +305,7 @@ def grn_(lib: ctypes.CDLL, x: Tensor, gamma: Tensor, eps: float = 1e-6) -> Tenso
     gamma = gamma.contiguous()
     scale = x.new_empty(x.shape[0], c)
     lib.arena_grn(x.data_ptr(), gamma.data_ptr(), scale.data_ptr(), x.shape[0], x[0].numel() // c, c, eps,
-                  torch.get_num_threads())
+                  int(gelu), torch.get_num_threads())
     return x
 
 
