@@ -39,6 +39,7 @@ from torch import nn
 from ._features import Backbone, FeatureInfo, pretrained_cfg_for
 from ._registry import register_backbone
 from .ops import scan_cpu
+from .ops.derived import derived
 from .ops.selective_scan import init_a_log, init_dt_bias, selective_scan
 from .ops.token_conv import depthwise_conv_tokens
 
@@ -73,7 +74,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lib = scan_cpu.kernel_for(x) if self.weight.dtype == torch.float32 else None
         if lib is not None:
-            return _RMSNormCPU.apply(lib, x, self.weight, self.eps)
+            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+                return _RMSNormCPU.apply(lib, x, self.weight, self.eps)
+            return scan_cpu.rms_norm(lib, x, self.weight, self.eps)[0]  # no autograd: the kernel alone
         xf = x.float()
         return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
 
@@ -221,6 +224,23 @@ class BiMamba(nn.Module):
         y = (self._scan(xz, "") + self._scan(xz.flip(1), "_b").flip(-1)) / 2
         return self.out_proj(y.transpose(1, 2))
 
+    def _kernel_constants(self, suffix: str) -> tuple[torch.Tensor, ...]:
+        """One direction's constant inputs of the fused kernels, fp32 in the layouts they read: conv taps
+        [d_inner, d_conv] (reversed for ``_b``, whose conv reads the tokens after), conv bias, A [d_inner,
+        d_state] (views of contiguous [d_conv, d_inner] and [d_state, d_inner]), D, dt bias. Derived once
+        per version of the parameters: streamed inference would otherwise recompute them in every block."""
+        conv, dt_proj = getattr(self, "conv1d" + suffix), getattr(self, "dt_proj" + suffix)
+        A_log, D = (self.A_log, self.D) if suffix == "" else (self.A_b_log, self.D_b)
+
+        def build() -> tuple[torch.Tensor, ...]:
+            with torch.no_grad():
+                taps = conv.weight[:, 0].float()
+                taps = (taps if suffix == "" else taps.flip(-1)).t().contiguous().t()
+                A = (-torch.exp(A_log.float())).t().contiguous().t()
+                return taps, conv.bias.float().contiguous(), A, D.float().contiguous(), dt_proj.bias.float().contiguous()
+
+        return derived(self, "kernel" + suffix, (conv.weight, conv.bias, A_log, D, dt_proj.bias), build)
+
     def _scan_tokens(self, lib, x: torch.Tensor, suffix: str, h: torch.Tensor, *, pad: int, length: int,
                      **scan_kwargs) -> torch.Tensor:
         """One direction on ``length`` time-major tokens, read from the view ``x`` [B, T, d_inner] in place.
@@ -231,10 +251,11 @@ class BiMamba(nn.Module):
         last token to the first. ``h`` is updated to the state leaving the block; ``scan_kwargs``
         go to ``scan_cpu.scan`` (``out``, ``z``, ``accumulate``).
         """
-        conv = getattr(self, "conv1d" + suffix)
-        weight = conv.weight[:, 0] if suffix == "" else conv.weight[:, 0].flip(-1)  # [d_inner, d_conv]
-        u = scan_cpu.token_conv(lib, x, weight, conv.bias, pad=pad, length=length, silu=True)
-        dt, B, C, A, D, dt_bias = self._ssm_inputs(u, suffix)
+        taps, conv_bias, A, D, dt_bias = self._kernel_constants(suffix)
+        u = scan_cpu.token_conv(lib, x, taps, conv_bias, pad=pad, length=length, silu=True)
+        dt, B, C = F.linear(u, getattr(self, "x_proj" + suffix).weight).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, getattr(self, "dt_proj" + suffix).weight)
         return scan_cpu.scan(lib, u, dt, A, B[:, :, None], C[:, :, None], h, D=D, delta_bias=dt_bias,
                              delta_softplus=True, reverse=suffix == "_b", **scan_kwargs)
 
@@ -265,8 +286,9 @@ class BiMamba(nn.Module):
         h.zero_()
         after = residual[:, L:]  # raw residual of the (up to ctx) tokens after the block
         for t0, t1 in reversed(blocks):  # backward direction, last block first, then both directions together
-            rows = torch.cat([residual[:, t0:t1], after], dim=1)
-            after = rows[:, :ctx].clone()
+            if t0 > 0 or t1 < L:  # (a sequence of one block needs neither the rows nor the context kept aside)
+                rows = torch.cat([residual[:, t0:t1], after], dim=1)
+                after = rows[:, :ctx].clone()
             xz = last_xz if t1 == L else F.linear(norm(rows), self.in_proj.weight)
             y = self._scan_tokens(lib, xz[..., :self.d_inner], "_b", h, pad=0, length=t1 - t0,
                                   z=xz[:, :t1 - t0, self.d_inner:], out=forward[:, t0:t1], accumulate=True)

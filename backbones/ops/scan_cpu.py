@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import math
 import os
 import platform
 import shutil
@@ -125,9 +124,14 @@ def kernel_for(x: Tensor) -> ctypes.CDLL | None:
 
 def _rows(t: Tensor, inner: int) -> Tensor:
     """``t`` as fp32 with its last ``inner`` dims contiguous (a copy only when they are not)."""
-    t = t.float()
-    ok = all(t.stride(-i) == math.prod(t.shape[len(t.shape) - i + 1:]) for i in range(1, inner + 1))
-    return t if ok else t.contiguous()
+    if t.dtype != torch.float32:
+        t = t.float()
+    step = 1
+    for i in range(1, inner + 1):  # checked in plain Python: this runs for every input of every kernel call
+        if t.stride(-i) != step:
+            return t.contiguous()
+        step *= t.shape[-i]
+    return t
 
 
 def _walk(seqs: list[Tensor | None], tokens: Sequence[int], reverse: bool) -> tuple[list[int | None], ctypes.Array]:
@@ -148,7 +152,7 @@ def _walk(seqs: list[Tensor | None], tokens: Sequence[int], reverse: bool) -> tu
 
 def _vectors(A: Tensor, D: Tensor | None, delta_bias: Tensor | None) -> list[Tensor | None]:
     """A transposed to [n, d], D and the delta bias, as contiguous fp32."""
-    return [A.float().t().contiguous()] + [None if t is None else _rows(t, 1) for t in (D, delta_bias)]
+    return [_rows(A.t(), 2)] + [None if t is None else _rows(t, 1) for t in (D, delta_bias)]
 
 
 def scan(lib: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor, *,
@@ -241,8 +245,8 @@ def token_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor, *, pad
     elif out.shape != (b, length, d) or out.dtype != torch.float32 or out.stride(2) != 1 or out.device != x.device:
         raise ValueError(f"token_conv: out must be fp32 [{b}, {length}, {d}] with contiguous channels on "
                          f"{x.device}, got {out.dtype} {tuple(out.shape)} (strides {out.stride()})")
-    taps, bias = weight.reshape(d, k).float().t().contiguous(), bias.float().contiguous()
-    g = None if silu_grad_of is None else silu_grad_of.float().contiguous()
+    taps, bias = _rows(weight.reshape(d, k).t(), 2), _rows(bias, 1)
+    g = None if silu_grad_of is None else _rows(silu_grad_of, 3)
     lib.arena_token_conv(x.data_ptr(), x.stride(0), x.stride(1), taps.data_ptr(), bias.data_ptr(), out.data_ptr(),
                          out.stride(0), out.stride(1), b, t, length, d, k, pad, 2 if g is not None else int(silu),
                          int(accumulate), _ptr(g), torch.get_num_threads())
