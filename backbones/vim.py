@@ -38,7 +38,7 @@ from torch import nn
 
 from ._features import Backbone, FeatureInfo, pretrained_cfg_for
 from ._registry import register_backbone
-from .ops import scan_cpu
+from .ops import autotune, scan_cpu
 from .ops.derived import derived
 from .ops.selective_scan import init_a_log, init_dt_bias, selective_scan
 from .ops.token_conv import depthwise_conv_tokens
@@ -92,8 +92,14 @@ def _direction_inputs(lib, x: torch.Tensor, backward: bool, taps: torch.Tensor, 
     its bias)."""
     direction_taps, pad = _conv_taps(taps, backward)
     u = scan_cpu.token_conv(lib, x, direction_taps, conv_bias, pad=pad, length=x.shape[1], silu=True)
-    xdbl = F.linear(u, w_x)  # [B, L, dt_rank + 2 * d_state]
-    return u, xdbl, F.linear(xdbl[..., :w_dt.shape[1]], w_dt)
+    xdbl = _tokens_matmul(u, w_x.t())  # [B, L, dt_rank + 2 * d_state]
+    return u, xdbl, _tokens_matmul(xdbl[..., :w_dt.shape[1]], w_dt.t())
+
+
+def _tokens_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w`` for tokens ``x`` [B, L, k] and ``w`` [k, n], one GEMM as ``autotune.matmul`` runs it fastest: the
+    x and dt projections are thin (n or k 12-44), where which way round MKL takes a product matters."""
+    return autotune.matmul(x.flatten(0, 1), w).view(*x.shape[:-1], w.shape[1])
 
 
 def _b_c(xdbl: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,10 +153,10 @@ class _BiScan(torch.autograd.Function):
             s = scan_cpu.scan_backward(lib, g, u, dt, A, B, C, D=D, delta_bias=dt_bias, delta_softplus=True,
                                        reverse=bool(backward))
             rank = w_dt.shape[1]
-            grad_xdbl = torch.cat([F.linear(s["delta"], w_dt.t()), s["B"][:, :, 0], s["C"][:, :, 0]], dim=-1)
-            grad_w_dt = s["delta"].flatten(0, 1).t() @ xdbl[..., :rank].flatten(0, 1)
-            grad_u = s["u"].add_(F.linear(grad_xdbl, w_x.t()))
-            grad_w_x = grad_xdbl.flatten(0, 1).t() @ u.flatten(0, 1)
+            grad_xdbl = torch.cat([_tokens_matmul(s["delta"], w_dt), s["B"][:, :, 0], s["C"][:, :, 0]], dim=-1)
+            grad_w_dt = autotune.matmul(s["delta"].flatten(0, 1).t(), xdbl[..., :rank].flatten(0, 1))
+            grad_u = s["u"].add_(_tokens_matmul(grad_xdbl, w_x))
+            grad_w_x = autotune.matmul(grad_xdbl.flatten(0, 1).t(), u.flatten(0, 1))
             direction_taps, pad = _conv_taps(taps, bool(backward))
             grad_pre = scan_cpu.token_conv(lib, x, direction_taps, conv_bias, pad=pad, length=x.shape[1],
                                            silu_grad_of=grad_u)
@@ -253,9 +259,9 @@ class BiMamba(nn.Module):
         """
         taps, conv_bias, A, D, dt_bias = self._kernel_constants(suffix)
         u = scan_cpu.token_conv(lib, x, taps, conv_bias, pad=pad, length=length, silu=True)
-        dt, B, C = F.linear(u, getattr(self, "x_proj" + suffix).weight).split(
+        dt, B, C = _tokens_matmul(u, getattr(self, "x_proj" + suffix).weight.t()).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, getattr(self, "dt_proj" + suffix).weight)
+        dt = _tokens_matmul(dt, getattr(self, "dt_proj" + suffix).weight.t())
         return scan_cpu.scan(lib, u, dt, A, B[:, :, None], C[:, :, None], h, D=D, delta_bias=dt_bias,
                              delta_softplus=True, reverse=suffix == "_b", **scan_kwargs)
 

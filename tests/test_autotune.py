@@ -92,3 +92,14 @@ def test_candidates_run_without_autograd(monkeypatch) -> None:
     seen = []
     autotune.fastest("grad", {"x": lambda: seen.append((w * 2).requires_grad)}, default="x")
     assert seen and not any(seen)
+
+
+@pytest.mark.parametrize("pick", ["direct", "transposed"])
+def test_matmul_is_the_product_either_way_round(monkeypatch, pick: str) -> None:
+    monkeypatch.setattr(autotune, "fastest", lambda key, runs, default: pick)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 44, generator=g), torch.randn(44, 12, generator=g)
+    for x, y in ((a, b), (a.t().contiguous().t(), b), (a, b.t().contiguous().t())):  # row- and column-major inputs
+        out = autotune.matmul(x, y)
+        assert out.is_contiguous() and out.shape == (300, 12)
+        torch.testing.assert_close(out, a @ b, rtol=1e-5, atol=1e-5)
