@@ -518,6 +518,22 @@ def test_compiled_gelu_is_as_accurate_as_pytorchs() -> None:
     assert out[5].isnan()
 
 
+def test_packed_conv_is_the_conv_and_follows_its_weight() -> None:
+    """The stem's and downsamples' convs in inference, with oneDNN weights reordered once per weight version
+    and input shape: the same output as the module in either input layout, and again after an update."""
+    if url._ONEDNN_CONV is None:
+        pytest.skip("PyTorch built without oneDNN")
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(24, 48, 3, stride=2, padding=1)
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        for shape in ((1, 24, 14, 14), (3, 24, 9, 9)):
+            x = torch.randn(shape, generator=g).contiguous(memory_format=fmt)
+            with torch.no_grad():
+                assert_same_outputs([conv(x)], [url.packed_conv(conv, x)], rel=1e-5)
+                conv.weight.add_(1.0)  # as an optimizer step: the next call reorders the new weight
+                assert_same_outputs([conv(x)], [url.packed_conv(conv, x)], rel=1e-5)
+
+
 def test_inference_path_is_counted_like_the_general_one(monkeypatch) -> None:
     """The oneDNN GEMMs of inference have a FLOP formula: ``count_flops`` (no autograd, so that path) agrees."""
     if url._ONEDNN_LINEAR is None:
