@@ -81,15 +81,16 @@ _ONEDNN_CONV = getattr(torch.ops.mkldnn, "_convolution_pointwise", None) if torc
 
 def packed_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for inference on CPU by oneDNN's convolution with the weight reordered into its blocked
-    layout once per weight version and input shape (``derived``): ``F.conv2d`` reorders it on every call,
+    layout once per weight version and input shape (``derived``, which keeps the last shape's; inputs of
+    varying size reorder as before, once per change): ``F.conv2d`` reorders it on every call,
     7.4 MB at UniRepLKNet-T's last downsample (there 2.1 against 3.0 ms NCHW or 6.0 ms channels-last at
     batch 1, Zen 3). ``conv(x)`` itself where oneDNN is absent, inside a dispatch mode (FLOP counting)
     or while compiling."""
     if _ONEDNN_CONV is None or _get_current_dispatch_mode() is not None or torch.compiler.is_compiling():
         return conv(x)
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-    weight = derived(conv, f"packed{tuple(x.shape)}", (conv.weight,), lambda: torch._C._nn.mkldnn_reorder_conv2d_weight(
-        conv.weight.detach().to_mkldnn(), *args, list(x.shape)))
+    weight = derived(conv, "packed", (conv.weight,), lambda: torch._C._nn.mkldnn_reorder_conv2d_weight(
+        conv.weight.detach().to_mkldnn(), *args, list(x.shape)), key=tuple(x.shape))
     return _ONEDNN_CONV(x, weight, conv.bias, *args, "none", [], "")
 
 

@@ -35,6 +35,9 @@ def test_rebuilt_when_a_source_changes_and_only_then() -> None:
     layer.bias.data = torch.ones(2)  # new storage behind the same tensor
     get()
     assert len(builds) == 5 and get() is get()
+    for shape, count in (((4, 3), 6), ((4, 3), 6), ((5, 3), 7), ((4, 3), 8)):  # a key: one value, the last key's
+        derived(layer, "wt", (layer.weight, layer.bias), transposed, key=shape)
+        assert len(builds) == count
     # kept outside the module: copies and pickles carry no cache and build their own
     clone = copy.deepcopy(layer)
     assert derived(clone, "wt", (clone.weight, clone.bias), lambda: "clone's") == "clone's"

@@ -9,24 +9,26 @@ The cache is held outside the module (a weak-keyed table), so modules pickle, co
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Hashable, Sequence, TypeVar
 
 import torch
 from torch import nn
 
 T = TypeVar("T")
-_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[list[tuple[weakref.ref, int, int]], object]]] = (
-    weakref.WeakKeyDictionary())
+# owner -> name -> (key, [(weakref to source, its version, its data pointer)], value)
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple]] = weakref.WeakKeyDictionary()
 
 
-def derived(owner: nn.Module, name: str, sources: Sequence[torch.Tensor], build: Callable[[], T]) -> T:
-    """``build()``, computed again only when a tensor of ``sources`` has changed since the last call."""
+def derived(owner: nn.Module, name: str, sources: Sequence[torch.Tensor], build: Callable[[], T],
+            key: Hashable = None) -> T:
+    """``build()``, computed again only when a tensor of ``sources`` or ``key`` (say, an input shape the value
+    depends on) has changed since the last call. One value is kept per (owner, name)."""
     store = _CACHE.setdefault(owner, {})
     hit = store.get(name)
-    if hit is not None and len(hit[0]) == len(sources) and all(
+    if hit is not None and hit[0] == key and len(hit[1]) == len(sources) and all(
             ref() is t and version == t._version and ptr == t.data_ptr()
-            for (ref, version, ptr), t in zip(hit[0], sources)):
-        return hit[1]  # type: ignore[return-value]
+            for (ref, version, ptr), t in zip(hit[1], sources)):
+        return hit[2]  # type: ignore[return-value]
     value = build()
-    store[name] = ([(weakref.ref(t), t._version, t.data_ptr()) for t in sources], value)
+    store[name] = (key, [(weakref.ref(t), t._version, t.data_ptr()) for t in sources], value)
     return value
