@@ -64,8 +64,9 @@ static inline vf exp2_poly(vf f) {
  * 127, as exp does) and the underflow to 0 are one instruction each (vrndscaleps, masked
  * vscalefps); otherwise x is clamped to 127 first, rounded by adding and subtracting 1.5 * 2^23, and
  * 2^k's exponent bits are the low bits of that sum shifted into place (no conversion). With AVX2
- * the clamps are one vminps and one vmaxps and 2^-126 (the smallest normal float) stands for 0
- * below -126: three fewer instructions per decay, 12% of the forward scan (Zen 3). */
+ * the clamps are one vminps and one vmaxps, about 2^-125 stands for 0 below -125, and k is added to
+ * the polynomial's exponent as an integer (exact: its result stays a normal float) instead of a
+ * multiply, which leaves the FMA pipes to the polynomial and the recurrence: backward 3% faster. */
 #define ROUNDER 12582912.0f  /* 1.5 * 2^23: x + ROUNDER is x rounded to an integer k, held in its low bits */
 #if defined(__AVX512F__) && W == 16
 #include <immintrin.h>
@@ -76,10 +77,10 @@ static inline vf vexp2(vf x) {
 }
 #elif defined(__AVX2__) && W == 8
 #include <immintrin.h>
-static inline vf vexp2(vf x) {  /* x clamped to [-126, 127] by vminps/vmaxps (x second: NaN passes through) */
-    x = (vf)_mm256_max_ps(_mm256_set1_ps(-126.0f), _mm256_min_ps(_mm256_set1_ps(127.0f), (__m256)x));
+static inline vf vexp2(vf x) {  /* x clamped to [-125, 127] by vminps/vmaxps (x second: NaN passes through) */
+    x = (vf)_mm256_max_ps(_mm256_set1_ps(-125.0f), _mm256_min_ps(_mm256_set1_ps(127.0f), (__m256)x));
     const vf t = x + ROUNDER;
-    return exp2_poly(x - (t - ROUNDER)) * (vf)(((vi)t << 23) + (127 << 23));
+    return (vf)((vi)exp2_poly(x - (t - ROUNDER)) + ((vi)t << 23));  /* k added to the exponent: an integer add */
 }
 #else
 static inline vf vexp2(vf x) {
