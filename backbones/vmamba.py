@@ -41,6 +41,7 @@ from torch import nn
 from ._features import Backbone, FeatureInfo, pretrained_cfg_for
 from ._registry import register_backbone
 from .ops import scan_cpu
+from .ops.activation import GELU
 from .ops.selective_scan import init_a_log, init_dt_bias, selective_scan
 
 ROUTES = 4  # row-major, column-major, and both reversed
@@ -217,7 +218,7 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = Linear2d(dim, hidden)
-        self.act = nn.GELU()
+        self.act = GELU()  # nn.GELU's function; the compiled kernel on fp32 CPU tensors
         self.fc2 = Linear2d(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -259,11 +260,12 @@ class Stem(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, 2, 1)
         self.norm1 = LayerNorm2d(dim // 2)
+        self.act = GELU()
         self.conv2 = nn.Conv2d(dim // 2, dim, 3, 2, 1)
         self.norm2 = LayerNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm2(self.conv2(F.gelu(self.norm1(self.conv1(x)))))
+        return self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
 
 
 class Stage(nn.Module):

@@ -93,6 +93,8 @@ def _load() -> ctypes.CDLL | None:
     lib.arena_rms_norm.restype = lib.arena_rms_norm_bwd.restype = None
     lib.arena_grn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_float] + [ctypes.c_int] * 2
     lib.arena_grn.restype = None
+    lib.arena_gelu.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_int]
+    lib.arena_gelu.restype = None
     lib.arena_block_width.argtypes, lib.arena_block_width.restype = [], ctypes.c_int
     lib.arena_cross_scan.argtypes = lib.arena_cross_merge.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4 + [ctypes.c_int]
     lib.arena_cross_scan.restype = lib.arena_cross_merge.restype = None
@@ -311,6 +313,23 @@ def grn_(lib: ctypes.CDLL, x: Tensor, gamma: Tensor, eps: float = 1e-6, *, gelu:
     lib.arena_grn(x.data_ptr(), gamma.data_ptr(), scale.data_ptr(), x.shape[0], x[0].numel() // c, c, eps,
                   int(gelu), torch.get_num_threads())
     return x
+
+
+def dense(x: Tensor) -> bool:
+    """Whether ``x`` fills its memory in order or channels-last (what an elementwise kernel can walk flat)."""
+    return x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def gelu(lib: ctypes.CDLL, x: Tensor, grad: Tensor | None = None) -> Tensor:
+    """GELU (exact, erf form) of fp32 ``x``, or with ``grad`` (its output's gradient) the gradient of ``x``, in
+    one pass over memory; the result keeps ``x``'s layout (contiguous or channels-last, see ``dense``)."""
+    if x.dtype != torch.float32 or not dense(x):
+        raise ValueError(f"gelu: x must be fp32, contiguous or channels-last, got {x.dtype} with strides {x.stride()}")
+    out = torch.empty_like(x)
+    if grad is not None and (grad.stride() != x.stride() or grad.dtype != torch.float32):
+        grad = out.copy_(grad)  # x's layout (then overwritten in place)
+    lib.arena_gelu(x.data_ptr(), _ptr(grad), out.data_ptr(), x.numel(), torch.get_num_threads())
+    return out
 
 
 def rms_norm_backward(lib: ctypes.CDLL, grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
