@@ -92,8 +92,13 @@ def _direction_inputs(lib, x: torch.Tensor, backward: bool, taps: torch.Tensor, 
     its bias)."""
     direction_taps, pad = _conv_taps(taps, backward)
     u = scan_cpu.token_conv(lib, x, direction_taps, conv_bias, pad=pad, length=x.shape[1], silu=True)
-    xdbl = _tokens_matmul(u, w_x.t())  # [B, L, dt_rank + 2 * d_state]
-    return u, xdbl, _tokens_matmul(xdbl[..., :w_dt.shape[1]], w_dt.t())
+    return u, *_projections(u, w_x, w_dt)
+
+
+def _projections(u: torch.Tensor, w_x: torch.Tensor, w_dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The x_proj output [B, L, dt_rank + 2 * d_state] of the conv output ``u`` and dt (before its bias)."""
+    xdbl = _tokens_matmul(u, w_x.t())
+    return xdbl, _tokens_matmul(xdbl[..., :w_dt.shape[1]], w_dt.t())
 
 
 def _tokens_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -259,10 +264,8 @@ class BiMamba(nn.Module):
         """
         taps, conv_bias, A, D, dt_bias = self._kernel_constants(suffix)
         u = scan_cpu.token_conv(lib, x, taps, conv_bias, pad=pad, length=length, silu=True)
-        dt, B, C = _tokens_matmul(u, getattr(self, "x_proj" + suffix).weight.t()).split(
-            [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = _tokens_matmul(dt, getattr(self, "dt_proj" + suffix).weight.t())
-        return scan_cpu.scan(lib, u, dt, A, B[:, :, None], C[:, :, None], h, D=D, delta_bias=dt_bias,
+        xdbl, dt = _projections(u, getattr(self, "x_proj" + suffix).weight, getattr(self, "dt_proj" + suffix).weight)
+        return scan_cpu.scan(lib, u, dt, A, *_b_c(xdbl, self.dt_rank), h, D=D, delta_bias=dt_bias,
                              delta_softplus=True, reverse=suffix == "_b", **scan_kwargs)
 
     def stream_(self, lib, residual: torch.Tensor, norm: nn.Module) -> None:
