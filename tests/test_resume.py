@@ -88,6 +88,56 @@ def test_interrupted_run_resumes_to_the_same_result(reference: dict, tmp_path: P
     assert f"at global step {saved} " in log and "run directory:" in log
 
 
+def test_ctrl_c_in_a_terminal_with_loader_workers(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C signals the whole process group, loader workers included. Sent at the epoch's
+    last step (6 of 48 images / 8), validation still reads batches from its persistent workers before the
+    run stops: it saves the step, exits 130 and resumes from there."""
+    from tests.test_train import _write_imagefolder
+
+    root = _write_imagefolder(tmp_path / "images", per_class=16)
+    run_dir, flag = tmp_path / "run", tmp_path / "held"
+    args = ["backbone=convnext_test", "data=imagefolder", f"data.root={root}", "data.image_size=32",
+            "data.batch_size=8", "data.num_workers=2", "trainer.max_epochs=1", f"hydra.run.dir={run_dir}",
+            "trainer.enable_progress_bar=false"]
+    proc = _train_py(*args, "+callbacks.hold._target_=tests.signal_hook.HoldAtStep", "+callbacks.hold.step=6",
+                     f"+callbacks.hold.flag={flag}", start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert flag.exists(), proc.communicate()[0][-3000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGINT, out[-3000:]
+    assert "exited unexpectedly" not in out
+    assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 6
+    resumed = _train_py(*args, "ckpt_path=last")
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0 and "at global step 6 " in out, out[-3000:]
+
+
+def test_loader_workers_ignore_ctrl_c_and_keep_lightnings_seeding(monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    import numpy as np
+
+    from arena.data.base import _init_worker
+
+    monkeypatch.setenv("PL_SEED_WORKERS", "1")
+    handler, py_state, np_state, torch_state = (signal.getsignal(signal.SIGINT), random.getstate(),
+                                                np.random.get_state(), torch.get_rng_state())
+    try:
+        draws = []
+        for worker in (0, 0, 1):
+            torch.manual_seed(1234 + worker)  # what the loader gives worker ``worker`` of base seed 1234
+            _init_worker(worker, rank=0)
+            draws.append((random.random(), float(np.random.rand())))
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        random.setstate(py_state), np.random.set_state(np_state), torch.set_rng_state(torch_state)
+    assert draws[0] == draws[1] and draws[0] != draws[2]  # Python and NumPy seeded per worker, reproducibly
+
+
 def test_ckpt_path_last_and_auto(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"checkpoints/last.ckpt' does not exist.*ckpt_path=auto"):
         resolve_ckpt_path("last", tmp_path)

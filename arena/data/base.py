@@ -6,14 +6,17 @@ interpolation, crop) so real data is fed the way the backbone expects.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
+import signal
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset
 
 from backbones._features import IMAGENET_MEAN, IMAGENET_STD
@@ -129,8 +132,10 @@ class ArenaDataModule(L.LightningDataModule):
         # a shuffled loader resumes mid-epoch on one device; under DDP Lightning puts its own
         # DistributedSampler into a plain loader, whose position within an epoch is not restored
         distributed = self.trainer is not None and self.trainer.world_size > 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
         kwargs = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate_fn,
                       persistent_workers=self.num_workers > 0,
+                      worker_init_fn=functools.partial(_init_worker, rank=rank) if self.num_workers > 0 else None,
                       drop_last=shuffle and self.task != "detection" and len(self.datasets[split]) > self.batch_size)
         if shuffle and not distributed:
             return ResumableLoader(self.datasets[split], **kwargs)
@@ -153,3 +158,15 @@ class ArenaDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         loaders = [self.eval_loader(s) for s in self.test_splits]
         return loaders[0] if len(loaders) == 1 else loaders
+
+
+def _init_worker(worker_id: int, rank: int) -> None:
+    """Leave Ctrl-C to the main process, which saves and exits; then seed as Lightning would.
+
+    A terminal's Ctrl-C reaches the whole process group: a loader worker killed by it makes the
+    main process fail with "DataLoader worker exited unexpectedly" instead of stopping cleanly.
+    Lightning adds its seeding ``worker_init_fn`` only to loaders without one, so it is chained here.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.environ.get("PL_SEED_WORKERS") == "1":
+        pl_worker_init_function(worker_id, rank=rank)
