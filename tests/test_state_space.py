@@ -410,6 +410,15 @@ def test_vmamba_ss2d_matches_the_official_formulation(channels_last):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
+def test_vmamba_route_dt_is_the_per_route_einsum_and_its_gradient():
+    torch.manual_seed(0)
+    proj = torch.randn(2, 15, 4, 9, dtype=torch.float64, requires_grad=True)  # dt is a view: [..., :R] of it
+    weight = torch.randn(4, 11, 6, dtype=torch.float64, requires_grad=True)
+    route_dt = lambda p, w: vmamba._RouteDt.apply(p[..., :6], w)  # noqa: E731
+    torch.testing.assert_close(route_dt(proj, weight), torch.einsum("blkr,kdr->blkd", proj[..., :6], weight))
+    assert torch.autograd.gradcheck(route_dt, (proj, weight))
+
+
 @pytest.mark.parametrize("name,params_m,tolerance", [
     ("vim_tiny", 7, 0.025), ("vim_small", 26, 0.02), ("vim_base", 98, 0.02),
     ("vmamba_tiny", 30, 0.025), ("vmamba_tiny_s1l8", 30, 0.025), ("vmamba_small", 50, 0.02), ("vmamba_base", 89, 0.02),

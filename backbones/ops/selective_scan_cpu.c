@@ -172,19 +172,15 @@ static inline vf lane_sums_w(const vf *v) {
 #define LANE_SUMS_AT_ONCE 0
 #endif
 
-static inline void lane_sums(const vf *v, long n, float *out, int add) {
+static inline void lane_sums(const vf *v, long n, float *out) {
     long i = 0;
 #if LANE_SUMS_AT_ONCE
     for (; i + W <= n; i += W) {
-        vf sums = lane_sums_w(v + i), held;
-        if (add) {
-            memcpy(&held, out + i, sizeof held);
-            sums += held;
-        }
+        const vf sums = lane_sums_w(v + i);
         memcpy(out + i, &sums, sizeof sums);
     }
 #endif
-    for (; i < n; i++) out[i] = add ? out[i] + hsum(v[i]) : hsum(v[i]);
+    for (; i < n; i++) out[i] = hsum(v[i]);
 }
 
 static inline vf sigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
@@ -576,19 +572,20 @@ struct bwd_strides { long u, dt, z, b, c, dy, du, ddt, dz, dbc; };
  *   dA += dh_t * dt_t * exp(dt_t A) * h_{t-1}        ddt_t = sum_n dh_t * (A exp(dt_t A) h_{t-1} + u_t B_t)
  *   du_t = sum_n dh_t * dt_t * B_t + g_t * D         dB_t = sum_d dh_t * dt_t * u_t,  dC_t = sum_d g_t * h_t
  * A first pass keeps the state entering every segment of seg_len tokens; then, from the last segment
- * to the first, the segment's states and decays are recomputed into `work` and walked backwards. dB and dC
- * are this block's partial sums over its channels (added to what they hold with add_bc); dA, dD and
- * dbias its sums over tokens. t counts the
+ * to the first, the segment's states and decays are recomputed into `work` and walked backwards. The terms
+ * of dB and dC are added lane by lane into lanes_b and lanes_c [len, nstate] (vectors): the caller sums
+ * the lanes once after all of a run's blocks, not every block at every step; dA, dD and dbias are this
+ * block's sums over tokens. t counts the
  * scan's steps; st says where step t of each tensor is. */
 static void scan_block_bwd(const float *u, const float *dt, const float *z, const float *B, const float *C,
                            const float *At, const float *D, const float *bias, const float *dy,
-                           float *du, float *ddt, float *dz, float *dB, float *dC, float *dA, float *dD,
-                           float *dbias, struct bwd_strides st, long len, long dim, long nstate, long seg_len,
-                           int softplus, int add_bc, long w, vf *work) {
+                           float *du, float *ddt, float *dz, float *dA, float *dD, float *dbias,
+                           struct bwd_strides st, long len, long dim, long nstate, long seg_len,
+                           int softplus, long w, vf *work, vf *lanes_b, vf *lanes_c) {
     const long nseg = (len + seg_len - 1) / seg_len;
     vf *entering = work, *hs = work + nseg * nstate, *es = hs + seg_len * nstate, *dts = es + seg_len * nstate;
     vf *gzs = dts + seg_len, *dzs = gzs + seg_len, *sps = dzs + seg_len;  /* per-token factors, see below */
-    vf a[NMAX], a2[NMAX], h[NMAX], dh[NMAX], dAs[NMAX], pb[NMAX], pc[NMAX];
+    vf a[NMAX], a2[NMAX], h[NMAX], dh[NMAX], dAs[NMAX];
     for (long s = 0; s < nstate; s++) {
         a[s] = load(At + s * dim, w);
         a2[s] = a[s] * LOG2E;
@@ -635,6 +632,7 @@ static void scan_block_bwd(const float *u, const float *dt, const float *z, cons
             const vf *ht = hs + (t - t0) * nstate, *et = es + (t - t0) * nstate;
             const vf *hp = t > t0 ? ht - nstate : entering + seg * nstate;
             const float *Bt = B + t * st.b, *Ct = C + t * st.c;
+            vf *lb = lanes_b + t * nstate, *lc = lanes_c + t * nstate;
             vf g = load(dy + t * st.dy, w);
             if (z) {
                 vf y = Dv * ut;
@@ -646,8 +644,8 @@ static void scan_block_bwd(const float *u, const float *dt, const float *z, cons
             for (long s = 0; s < nstate; s++) {
                 dh[s] += Ct[s] * g;
                 q += dh[s] * Bt[s];
-                pb[s] = dh[s] * du_;
-                pc[s] = g * ht[s];
+                lb[s] += dh[s] * du_;
+                lc[s] += g * ht[s];
                 dh[s] *= et[s];  /* now dh_t exp(dt_t A), the part carried to step t - 1 */
                 const vf dhe = dh[s] * hp[s];
                 dAs[s] += dhe * d;
@@ -655,8 +653,6 @@ static void scan_block_bwd(const float *u, const float *dt, const float *z, cons
             }
             const vf dx = g * Dv + d * q;
             dd += ut * q;
-            lane_sums(pb, nstate, dB + t * st.dbc, add_bc);
-            lane_sums(pc, nstate, dC + t * st.dbc, add_bc);
             if (softplus) dd *= sps[t - t0];
             dDs += g * ut;
             dbs += dd;
@@ -690,30 +686,38 @@ int arena_selective_scan_bwd(const float *u, const float *dt, const float *z, co
     const long max_seg = SEG_BYTES / (2 * nstate * (long)sizeof(vf)), seg_len = max_seg > 32 ? max_seg : 32;
     const long nseg = (len + seg_len - 1) / seg_len;
     const size_t work_bytes = ((nseg + 2 * seg_len) * nstate + 4 * seg_len) * sizeof(vf);
+    const size_t lanes_bytes = (size_t)len * nstate * sizeof(vf);
     const struct bwd_strides st = {strides[1], strides[3], strides[5], strides[7], strides[9], strides[11],
                                    strides[13], strides[15], strides[17], strides[19]};
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(|: failed)
     {
-        vf *work = aligned_alloc(sizeof(vf), work_bytes);
-        failed = work == NULL;
+        vf *work = aligned_alloc(sizeof(vf), work_bytes), *lanes = aligned_alloc(sizeof(vf), 2 * lanes_bytes);
+        failed = work == NULL || lanes == NULL;
 #pragma omp for schedule(static)
         for (long i = 0; i < tasks; i++) {
             if (failed) continue;
             const long b = i / (groups * parts), g = (i / parts) % groups, p = i % parts, gs = g * nstate;
             const long bc = b * strides[18] + gs + p * strides[18] * batch;
+            vf *lanes_b = lanes, *lanes_c = lanes + len * nstate;
+            memset(lanes, 0, 2 * lanes_bytes);
             for (long k = p * per_group / parts; k < (p + 1) * per_group / parts; k++) {
                 const long c0 = g * dg + k * W, w = dg - k * W < W ? dg - k * W : W;
                 scan_block_bwd(u + b * strides[0] + c0, dt + b * strides[2] + c0, z ? z + b * strides[4] + c0 : NULL,
                                B + b * strides[6] + gs, C + b * strides[8] + gs, At + c0, D ? D + c0 : NULL,
                                bias ? bias + c0 : NULL, dy + b * strides[10] + c0, du + b * strides[12] + c0,
-                               ddt + b * strides[14] + c0, dz ? dz + b * strides[16] + c0 : NULL, dB + bc, dC + bc,
+                               ddt + b * strides[14] + c0, dz ? dz + b * strides[16] + c0 : NULL,
                                dA + b * nstate * dim + c0, dD ? dD + b * dim + c0 : NULL,
                                dbias ? dbias + b * dim + c0 : NULL, st, len, dim, nstate, seg_len, softplus,
-                               k > p * per_group / parts, w, work);
+                               w, work, lanes_b, lanes_c);
+            }
+            for (long t = 0; t < len; t++) {
+                lane_sums(lanes_b + t * nstate, nstate, dB + bc + t * st.dbc);
+                lane_sums(lanes_c + t * nstate, nstate, dC + bc + t * st.dbc);
             }
         }
         free(work);
+        free(lanes);
     }
     return failed ? 2 : 0;
 }
