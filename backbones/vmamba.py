@@ -147,19 +147,13 @@ def cross_merge(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 class _RouteDt(torch.autograd.Function):
     """``einsum("blkr,kdr->blkd", dt, weight)``: route k's low-rank dt [B, L, 4, R] through its own [D, R]
-    projection. One GEMM per route, written straight into the route's slice of the output, and the
-    gradients with the rank R as the GEMMs' rows: MKL runs the einsum's batched products 2-8x slower
-    when their output is R (6 to 48) wide (VMamba-T's first stages, Zen 3)."""
+    projection. The einsum's own backward runs batched products with an output R (6 to 48) wide,
+    which MKL runs 2-4x slower at VMamba-T's first stage than these, with the rank as the rows."""
 
     @staticmethod
     def forward(dt: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        b, l, routes, r = dt.shape
-        weight = weight.to(dt.dtype)  # under autocast dt is already in the lower precision, as the einsum's product
-        out = dt.new_empty(b, l, routes, weight.shape[1])
-        tokens = out.view(b * l, routes, -1)
-        for k in range(routes):
-            torch.mm(dt[:, :, k].reshape(b * l, r), weight[k].t(), out=tokens[:, k])
-        return out
+        # under autocast dt is already in the lower precision, as the einsum's product would be
+        return torch.einsum("blkr,kdr->blkd", dt, weight.to(dt.dtype))
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

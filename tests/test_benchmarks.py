@@ -51,3 +51,14 @@ def test_time_interleaved_runs_rounds_until_min_seconds():
     calls.update(a=0, b=0)
     time_interleaved({"a": fn("a"), "b": fn("b")}, repeats=2, warmup=0)
     assert calls == {"a": 2, "b": 2}
+
+
+def test_vmamba_training_parts_prints_every_stage_and_conv():
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vmamba_training_parts.py"), "--batch", "1",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.startswith("  ")]
+    assert len(rows) == 4 * 2 + 4  # forward and backward at four stages, four convs
+    for row in rows:
+        *times, speed_up = row.split()[-3:]
+        assert all(float(t) > 0 for t in times) and float(speed_up.rstrip("x")) > 0
