@@ -29,7 +29,7 @@ instead of every projection of every token, and the same numbers come out
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -174,6 +174,15 @@ class _BiScan(torch.autograd.Function):
         return None, grad_xz, *grads
 
 
+class _Direction(NamedTuple):
+    """One scan direction's own modules and parameters in ``BiMamba``."""
+    conv: nn.Conv1d
+    x_proj: nn.Linear
+    dt_proj: nn.Linear
+    A_log: nn.Parameter
+    D: nn.Parameter
+
+
 class BiMamba(nn.Module):
     """Mamba mixer scanning the sequence both ways ("v2"): shared in/out projections, per-direction SSMs.
 
@@ -201,37 +210,42 @@ class BiMamba(nn.Module):
         self.D_b = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
 
+    def _parts(self, suffix: str) -> _Direction:
+        """The forward (``""``) or backward (``"_b"``) direction's modules and parameters (official names:
+        ``conv1d_b``, ``x_proj_b``, ``dt_proj_b``, ``A_b_log``, ``D_b``)."""
+        backward = suffix == "_b"
+        return _Direction(getattr(self, "conv1d" + suffix), getattr(self, "x_proj" + suffix),
+                          getattr(self, "dt_proj" + suffix), self.A_b_log if backward else self.A_log,
+                          self.D_b if backward else self.D)
+
     def _ssm_inputs(self, u: torch.Tensor, suffix: str) -> tuple[torch.Tensor, ...]:
         """One direction's scan inputs from time-major ``u`` [B, T, d_inner]: dt (before its bias), B, C, A, D, dt bias."""
-        dt, B, C = getattr(self, "x_proj" + suffix)(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt_proj = getattr(self, "dt_proj" + suffix)
-        A_log, D = (self.A_log, self.D) if suffix == "" else (self.A_b_log, self.D_b)
-        return F.linear(dt, dt_proj.weight), B, C, -torch.exp(A_log.float()), D.float(), dt_proj.bias.float()
+        p = self._parts(suffix)
+        dt, B, C = p.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt, p.dt_proj.weight), B, C, -torch.exp(p.A_log.float()), p.D.float(), p.dt_proj.bias.float()
 
     def _scan(self, xz: torch.Tensor, suffix: str) -> torch.Tensor:
         """One direction on time-major [B, L, 2 * d_inner]: causal depthwise conv, SiLU, selective scan gated by z.
 
         Returns [B, d_inner, L] (a view of time-major memory)."""
         x, z = xz.split(self.d_inner, dim=-1)
-        conv = getattr(self, "conv1d" + suffix)
+        conv = self._parts(suffix).conv
         u = F.silu(depthwise_conv_tokens(x, conv.weight[:, 0], conv.bias, pad=conv.kernel_size[0] - 1))
         dt, B, C, A, D, dt_bias = self._ssm_inputs(u, suffix)
         return selective_scan(u.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D,
                               z=z.transpose(1, 2), delta_bias=dt_bias, delta_softplus=True)
 
-    def _direction(self, suffix: str) -> tuple[nn.Parameter | torch.Tensor, ...]:
+    def _bi_scan_params(self, suffix: str) -> tuple[nn.Parameter | torch.Tensor, ...]:
         """One direction's parameters as ``_BiScan`` takes them: conv taps and bias, x_proj, dt_proj, dt bias, A_log, D."""
-        conv, dt_proj = getattr(self, "conv1d" + suffix), getattr(self, "dt_proj" + suffix)
-        A_log, D = (self.A_log, self.D) if suffix == "" else (self.A_b_log, self.D_b)
-        return (conv.weight[:, 0], conv.bias, getattr(self, "x_proj" + suffix).weight, dt_proj.weight, dt_proj.bias,
-                A_log, D)
+        p = self._parts(suffix)
+        return p.conv.weight[:, 0], p.conv.bias, p.x_proj.weight, p.dt_proj.weight, p.dt_proj.bias, p.A_log, p.D
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xz = self.in_proj(x)  # [B, L, 2 * d_inner]
         # training on CPU: the fused kernels (under no_grad, as FLOP counting runs, the ops that count themselves)
         lib = scan_cpu.kernel_for(xz) if torch.is_grad_enabled() and self.d_state <= scan_cpu.MAX_STATE else None
         if lib is not None:
-            return self.out_proj(_BiScan.apply(lib, xz, *self._direction(""), *self._direction("_b")))
+            return self.out_proj(_BiScan.apply(lib, xz, *self._bi_scan_params(""), *self._bi_scan_params("_b")))
         y = (self._scan(xz, "") + self._scan(xz.flip(1), "_b").flip(-1)) / 2
         return self.out_proj(y.transpose(1, 2))
 
@@ -240,8 +254,7 @@ class BiMamba(nn.Module):
         [d_inner, d_conv] (reversed for ``_b``, whose conv reads the tokens after), conv bias, A [d_inner,
         d_state] (views of contiguous [d_conv, d_inner] and [d_state, d_inner]), D, dt bias. Derived once
         per version of the parameters: streamed inference would otherwise recompute them in every block."""
-        conv, dt_proj = getattr(self, "conv1d" + suffix), getattr(self, "dt_proj" + suffix)
-        A_log, D = (self.A_log, self.D) if suffix == "" else (self.A_b_log, self.D_b)
+        conv, _, dt_proj, A_log, D = self._parts(suffix)
 
         def build() -> tuple[torch.Tensor, ...]:
             with torch.no_grad():
@@ -264,7 +277,8 @@ class BiMamba(nn.Module):
         """
         taps, conv_bias, A, D, dt_bias = self._kernel_constants(suffix)
         u = scan_cpu.token_conv(lib, x, taps, conv_bias, pad=pad, length=length, silu=True)
-        xdbl, dt = _projections(u, getattr(self, "x_proj" + suffix).weight, getattr(self, "dt_proj" + suffix).weight)
+        p = self._parts(suffix)
+        xdbl, dt = _projections(u, p.x_proj.weight, p.dt_proj.weight)
         return scan_cpu.scan(lib, u, dt, A, *_b_c(xdbl, self.dt_rank), h, D=D, delta_bias=dt_bias,
                              delta_softplus=True, reverse=suffix == "_b", **scan_kwargs)
 
