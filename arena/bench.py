@@ -239,6 +239,13 @@ def bench_backbone(name: str, img_size: int, settings: BenchSettings) -> dict[st
         return _bench_backbone(name, img_size, settings)
 
 
+def compiled(model: nn.Module) -> Callable[..., Any]:
+    """``torch.compile(model)`` for fixed shapes: a benchmark's shapes never change, and a module called at several
+    shapes (a stage's blocks) is then compiled once per shape rather than again with symbolic sizes, which
+    inductor fails to lower for VMamba's training graph in this PyTorch."""
+    return torch.compile(model, dynamic=False)
+
+
 def _bench_backbone(name: str, img_size: int, settings: BenchSettings) -> dict[str, Any]:
     from backbones import create_backbone
 
@@ -268,7 +275,7 @@ def _bench_backbone(name: str, img_size: int, settings: BenchSettings) -> dict[s
         infer_model = copy.deepcopy(model).eval()
         with torch.no_grad():
             infer_model.reparameterize()
-    infer_run = torch.compile(infer_model) if settings.compile else infer_model
+    infer_run = compiled(infer_model) if settings.compile else infer_model
     resident = tensor_bytes([*infer_model.parameters(), *infer_model.buffers(), x])
 
     def infer() -> None:
@@ -281,7 +288,7 @@ def _bench_backbone(name: str, img_size: int, settings: BenchSettings) -> dict[s
                infer_spread_pct=round(100 * spread, 2), infer_peak_mem_mb=round(_peak_memory(infer, device, resident), 2))
     del infer_run, infer_model
     if settings.train:
-        run = torch.compile(model) if settings.compile else model
+        run = compiled(model) if settings.compile else model
         resident = tensor_bytes([*model.parameters(), *model.buffers(), x])
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)

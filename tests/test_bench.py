@@ -140,3 +140,12 @@ def test_bench_times_inference_in_the_deploy_form(name: str, monkeypatch: pytest
     assert row.infer_form == "train" and not calls
     assert row.infer_gmacs == pytest.approx(train_flops / 2e9, abs=1e-4)
     assert run_bench(["convnext_test"], [32], FAST)["infer_form"].iloc[0] == "train"  # nothing to reparameterize
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vmamba_test", "vim_test"])
+def test_compiled_bench_times_the_state_space_models(name: str) -> None:
+    """``--compile``: both forms trace through the fused CPU kernels (opaque ops) and run (about 30 s each)."""
+    row = run_bench([name], [64], BenchSettings(batch_size=2, warmup=1, blocks=3, block_time=0.01, compile=True)).iloc[0]
+    assert pd.isna(row["error"]) and row["compiled"]
+    assert row["infer_samples_per_sec"] > 0 and row["train_samples_per_sec"] > 0

@@ -109,6 +109,26 @@ def test_backward_takes_the_forward_path(monkeypatch, scan_kernel):
     assert len(calls) == int(fused) and u.grad.shape == u.shape
 
 
+@pytest.mark.parametrize("groups", [0, 2])
+def test_traced_by_torch_compile_forward_and_backward(scan_kernel, groups: int) -> None:
+    """Both directions of the op are opaque to tracing (the fused backward an op of its own, with a fake that
+    gives the real result's layouts), so AOT autograd traces a training step and computes the same gradients."""
+    inputs = _inputs(2, 4, 9, 2, groups=groups)
+    inputs["u"] = inputs["u"].transpose(1, 2).contiguous().transpose(1, 2)  # time-major, as the models pass it
+    compiled = torch.compile(selective_scan, backend="aot_eager", dynamic=False)
+    y, g = _run(compiled, inputs)
+    y_ref, g_ref = _run(selective_scan, inputs)
+    fused = scan_kernel == "auto" and shutil.which("cc") is not None  # the same kernel calls: the same numbers
+    tolerance = dict(rtol=0, atol=0) if fused else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, y_ref, **tolerance)
+    for k in g_ref:
+        torch.testing.assert_close(g[k], g_ref[k], **tolerance)
+    if fused:  # the fakes give the real results' shapes, dtypes and strides (opcheck raises on any difference)
+        args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")] + [True]
+        torch.library.opcheck(torch.ops.backbone_arena.selective_scan.default, args)
+        torch.library.opcheck(torch.ops.backbone_arena.selective_scan_backward.default, [torch.randn_like(y), *args])
+
+
 def test_strong_decay_stays_finite_and_exact():
     """Per-step log-decays of -80 (exp(-80 * 16 steps) underflows): no overflow, still the reference."""
     inputs = _inputs(2, 4, 3 * SCAN_CHUNK + 5, 4, dt_bias=5.0)

@@ -119,6 +119,11 @@ def kernel() -> ctypes.CDLL | None:
     return _load() if kernel_choice() == "auto" else None
 
 
+def built() -> ctypes.CDLL | None:
+    """The compiled kernel whatever ``ARENA_SCAN_KERNEL`` now says (a backward takes its forward's path), or None."""
+    return _load()
+
+
 def kernel_for(x: Tensor) -> ctypes.CDLL | None:
     """``kernel()`` when ``x`` is an fp32 CPU tensor (what the fused kernels read in place), else None."""
     return kernel() if x.device.type == "cpu" and x.dtype == torch.float32 else None

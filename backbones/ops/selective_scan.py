@@ -266,18 +266,35 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*[t for t in tensors if t is not None])
 
 
-def _backward_fused(lib, grad: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                    z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool) -> list[Tensor | None]:
-    """Every input's gradient by the compiled CPU kernel, in the op's layouts and dtypes."""
-    g = scan_cpu.scan_backward(lib, grad.transpose(1, 2), **_time_major(u, delta, B, C, z), A=A, D=D,
-                               delta_bias=delta_bias, delta_softplus=delta_softplus)
+def _op_layouts(g: dict[str, Tensor], inputs: dict[str, Tensor | None]) -> list[Tensor]:
+    """The kernel's gradients ``g`` (time-major ``u, delta, z`` [b, l, d], ``B, C`` [b, l, g, n], ``A`` [d, n], ``D``,
+    ``delta_bias``) as views in the op's layouts and its inputs' dtypes, one per given input."""
     for k in ("u", "delta", "z"):
         if k in g:
             g[k] = g[k].transpose(1, 2)
-    for k, t in (("B", B), ("C", C)):  # [b, l, g, n] -> [b, g, n, l], without the group dim when B had none
-        g[k] = g[k].permute(0, 2, 3, 1).reshape(t.shape)
-    inputs = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
-    return [None if t is None else g[k].to(t.dtype) for k, t in inputs.items()]
+    for k in ("B", "C"):  # [b, l, g, n] -> [b, g, n, l], without the group dim when B had none
+        g[k] = g[k].permute(0, 2, 3, 1).reshape(inputs[k].shape)
+    return [g[k].to(t.dtype) for k, t in inputs.items() if t is not None]
+
+
+@torch.library.custom_op("backbone_arena::selective_scan_backward", mutates_args=())
+def _backward_fused(grad: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                    z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool) -> list[Tensor]:
+    """Every given input's gradient by the compiled CPU kernel, in the op's layouts and dtypes. An op of its
+    own, so that tracing the backward (``torch.compile``) sees it whole and never reaches its raw pointers."""
+    g = scan_cpu.scan_backward(scan_cpu.built(), grad.transpose(1, 2), **_time_major(u, delta, B, C, z), A=A, D=D,
+                               delta_bias=delta_bias, delta_softplus=delta_softplus)
+    return _op_layouts(g, {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias})
+
+
+@_backward_fused.register_fake
+def _(grad, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    b, d, l = u.shape
+    n, groups = A.shape[1], B.shape[1] if B.ndim == 4 else 1
+    empty = functools.partial(u.new_empty, dtype=torch.float32)
+    g = {"u": empty(b, l, d), "delta": empty(b, l, d), "z": empty(b, l, d), "B": empty(b, l, groups, n),
+         "C": empty(b, l, groups, n), "A": empty(n, d).t(), "D": empty(d), "delta_bias": empty(d)}
+    return _op_layouts(g, {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias})
 
 
 def _backward(ctx, grad: Tensor):
@@ -286,7 +303,8 @@ def _backward(ctx, grad: Tensor):
     if ctx.triton is not None:
         return (*ctx.triton.scan_backward(grad, *tensors, ctx.delta_softplus), None)
     if ctx.lib is not None:
-        return (*_backward_fused(ctx.lib, grad, *tensors, ctx.delta_softplus), None)
+        grads = iter(_backward_fused(grad, *tensors, ctx.delta_softplus))
+        return (*[None if t is None else next(grads) for t in tensors], None)
     wanted = [i for i, t in enumerate(tensors) if t is not None and ctx.needs_input_grad[i]]
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(i in wanted) if t is not None else None for i, t in enumerate(tensors)]
