@@ -59,3 +59,7 @@ def test_other_convs_take_pytorchs_path(monkeypatch: pytest.MonkeyPatch) -> None
     Conv2d(4, 4, 3).double()(x.double().detach()).sum().backward()
     with torch.no_grad():
         assert Conv2d(4, 4, 3)(x).shape == (2, 4, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: nn.Conv2d's path, in bf16
+        y = Conv2d(4, 4, 3)(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()

@@ -476,6 +476,12 @@ def test_bf16_autocast_close_to_fp32(name):
             low = model.embed(x)
     assert torch.isfinite(low).all()
     assert torch.nn.functional.cosine_similarity(low.float(), ref, dim=1).min() > 0.99
+    model.train()  # a bf16-mixed training step (Lightning's precision=bf16-mixed on CPU)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sum(f.float().mean() for f in model(x))
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
 @pytest.mark.parametrize("block", [vim.STREAM_BLOCK, 5, 2])

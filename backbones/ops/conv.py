@@ -1,12 +1,12 @@
 """``nn.Conv2d`` whose weight gradient on CPU may come from one GEMM over the input's patches.
 
-oneDNN computes a dense conv's weight gradient on AVX2 CPUs at half its forward's rate or less
-(3x3 stride-2 convs of VMamba-T's stem and downsamplings, channels-last, batch 8, Zen 3: 42-78 ms
-against 23-30 ms forward for the same FLOPs). As the patches-times-gradient product (im2col)
-the same sum is one GEMM at MKL's rate: the padded input is viewed as its patches [N, Ho, Wo, kh,
-kw, C] and copied a few images at a time, so the copy stays in cache. ``autotune.fastest`` picks
-between it and oneDNN per shape, timed on the first backward; the input and bias gradients stay
-oneDNN's.
+oneDNN computes a dense conv's weight gradient on AVX2 CPUs at half its forward's rate or less. As
+the patches-times-gradient product (im2col) the same sum is one GEMM at MKL's rate: the padded input
+is viewed as its patches [N, Ho, Wo, kh, kw, C] and copied a few images at a time, so the copy stays
+in cache (1.55-2.15x oneDNN at VMamba-T's strided convs, batch 8, Zen 3:
+``python benchmarks/vmamba_training_parts.py --batch 8``). ``autotune.fastest`` picks between the two
+per shape, timed on the first backward; the input gradient stays oneDNN's, the bias gradient is the
+output gradient's sum.
 """
 from __future__ import annotations
 
@@ -72,12 +72,12 @@ class _Conv2d(torch.autograd.Function):
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same arguments, parameters and output); in training on CPU, a dense undilated conv's
+    """``nn.Conv2d`` (same arguments, parameters and output); in fp32 training on CPU, a dense undilated conv's
     weight gradient is the faster of oneDNN's and one GEMM over the input's patches."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type != "cpu" or self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros"
                 or isinstance(self.padding, str) or not torch.is_grad_enabled() or not self.weight.requires_grad
-                or x.dtype != torch.float32):
+                or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
             return super().forward(x)
         return _Conv2d.apply(x, self.weight, self.bias, self.stride, self.padding)
