@@ -56,6 +56,14 @@ def _train_py(*args: str, **popen) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, **popen)
 
 
+def _wait_until_held(proc: subprocess.Popen, flag: Path) -> None:
+    """Wait (at most 300 s) until ``HoldAtStep`` wrote ``flag``: the run is held at its step."""
+    deadline = time.monotonic() + 300
+    while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert flag.exists(), proc.communicate()[0][-3000:]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
 def test_interrupted_run_resumes_to_the_same_result(reference: dict, tmp_path: Path, sig: signal.Signals) -> None:
     run_dir, flag = tmp_path / "run", tmp_path / "held"
@@ -63,10 +71,7 @@ def test_interrupted_run_resumes_to_the_same_result(reference: dict, tmp_path: P
                      f"callbacks.model_checkpoint.every_n_train_steps={EVERY}",
                      "+callbacks.hold._target_=tests.signal_hook.HoldAtStep", f"+callbacks.hold.step={STOP_AT}",
                      f"+callbacks.hold.flag={flag}")
-    deadline = time.monotonic() + 300
-    while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert flag.exists(), proc.communicate()[0][-3000:]
+    _wait_until_held(proc, flag)
     proc.send_signal(sig)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == EXIT[sig], out[-3000:]
@@ -101,10 +106,7 @@ def test_ctrl_c_in_a_terminal_with_loader_workers(tmp_path: Path) -> None:
             "trainer.enable_progress_bar=false"]
     proc = _train_py(*args, "+callbacks.hold._target_=tests.signal_hook.HoldAtStep", "+callbacks.hold.step=6",
                      f"+callbacks.hold.flag={flag}", start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert flag.exists(), proc.communicate()[0][-3000:]
+    _wait_until_held(proc, flag)
     os.killpg(proc.pid, signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGINT, out[-3000:]

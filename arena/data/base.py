@@ -15,8 +15,8 @@ from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
 from lightning.fabric.utilities.seed import pl_worker_init_function
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from backbones._features import IMAGENET_MEAN, IMAGENET_STD

@@ -266,9 +266,13 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*[t for t in tensors if t is not None])
 
 
-def _op_layouts(g: dict[str, Tensor], inputs: dict[str, Tensor | None]) -> list[Tensor]:
+_TENSOR_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")  # the op's tensor inputs, in its order
+
+
+def _op_layouts(g: dict[str, Tensor], *tensors: Tensor | None) -> list[Tensor]:
     """The kernel's gradients ``g`` (time-major ``u, delta, z`` [b, l, d], ``B, C`` [b, l, g, n], ``A`` [d, n], ``D``,
-    ``delta_bias``) as views in the op's layouts and its inputs' dtypes, one per given input."""
+    ``delta_bias``) as views in the layouts and dtypes of the op's inputs ``tensors``, one per given input."""
+    inputs = dict(zip(_TENSOR_INPUTS, tensors))
     for k in ("u", "delta", "z"):
         if k in g:
             g[k] = g[k].transpose(1, 2)
@@ -284,7 +288,7 @@ def _backward_fused(grad: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor
     own, so that tracing the backward (``torch.compile``) sees it whole and never reaches its raw pointers."""
     g = scan_cpu.scan_backward(scan_cpu.built(), grad.transpose(1, 2), **_time_major(u, delta, B, C, z), A=A, D=D,
                                delta_bias=delta_bias, delta_softplus=delta_softplus)
-    return _op_layouts(g, {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias})
+    return _op_layouts(g, u, delta, A, B, C, D, z, delta_bias)
 
 
 @_backward_fused.register_fake
@@ -294,7 +298,7 @@ def _(grad, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     empty = functools.partial(u.new_empty, dtype=torch.float32)
     g = {"u": empty(b, l, d), "delta": empty(b, l, d), "z": empty(b, l, d), "B": empty(b, l, groups, n),
          "C": empty(b, l, groups, n), "A": empty(n, d).t(), "D": empty(d), "delta_bias": empty(d)}
-    return _op_layouts(g, {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias})
+    return _op_layouts(g, u, delta, A, B, C, D, z, delta_bias)
 
 
 def _backward(ctx, grad: Tensor):
