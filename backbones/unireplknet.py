@@ -102,9 +102,10 @@ class SqueezeExcite(nn.Module):
         self.down = nn.Conv2d(channels, hidden, 1)
         self.up = nn.Conv2d(hidden, channels, 1)
 
-    def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """The per-image channel gate [B, C] of ``x`` [B, C, H, W] (the 1x1 convs as Linear on the pooled vector)."""
-        s = F.relu(F.linear(x.mean((2, 3)), self.down.weight.flatten(1), self.down.bias))
+    def gate(self, x: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-image channel gate [B, C] of ``x`` [B, C, H, W] (the 1x1 convs as Linear on the pooled vector),
+        from ``pooled``, x's mean over H and W, where the caller has it."""
+        s = F.relu(F.linear(x.mean((2, 3)) if pooled is None else pooled, self.down.weight.flatten(1), self.down.bias))
         return torch.sigmoid(F.linear(s, self.up.weight.flatten(1), self.up.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -297,8 +298,10 @@ class UniRepLKNetBlock(nn.Module):
         w, bias, approximate = self.pwconv1.weight, self.pwconv1.bias, self.act.approximate
         lib = scan_cpu.kernel()
 
+        compiled = lib is not None and approximate == "none"  # the compiled GELU is the exact one
+
         def grn_(hidden: torch.Tensor, gelu: bool) -> torch.Tensor:
-            if lib is not None and not (gelu and approximate != "none"):  # the compiled GELU is the exact one
+            if lib is not None and not (gelu and not compiled):
                 return scan_cpu.grn_(lib, hidden, self.grn.gamma, gelu=gelu)
             if gelu:
                 hidden = torch.ops.aten.gelu_(hidden, approximate=approximate)
@@ -306,7 +309,9 @@ class UniRepLKNetBlock(nn.Module):
 
         runs = {"onednn fused": lambda: grn_(_ONEDNN_LINEAR(rows, w, bias, "gelu", [], approximate), False),
                 "onednn": lambda: grn_(_ONEDNN_LINEAR(rows, w, bias, "none", [], ""), True),
-                "mkl": lambda: grn_(F.linear(rows, w, bias), True)}
+                # MKL's GEMM copies a bias into its whole output first: the compiled GRN pass adds it instead
+                "mkl": (lambda: scan_cpu.grn_(lib, F.linear(rows, w), self.grn.gamma, bias=bias, gelu=True)) if compiled
+                else lambda: grn_(F.linear(rows, w, bias), True)}
         key = ("pwconv1_gelu_grn", autotune.bucket(rows.numel() // rows.shape[-1]), tuple(w.shape), approximate,
                rows.dtype, lib is not None)
         return runs[autotune.fastest(key, runs, default="onednn fused")]()
@@ -319,8 +324,9 @@ class UniRepLKNetBlock(nn.Module):
             runs = {"onednn": lambda: _ONEDNN_LINEAR(hidden, w, bias, "none", [], ""),
                     "mkl": lambda: F.linear(hidden, w, bias)}
         else:
+            # MKL's: the residual plus the bias in one pass into rows, the GEMM accumulating into them
             runs = {"onednn": lambda: _ONEDNN_LINEAR.binary(hidden, residual, w, bias, "add"),
-                    "mkl": lambda: torch.addmm(bias, hidden, w.t()).add_(residual)}
+                    "mkl": lambda: torch.add(residual, bias, out=hidden.new_empty(residual.shape)).addmm_(hidden, w.t())}
         key = ("pwconv2", autotune.bucket(hidden.shape[0]), tuple(w.shape), residual is None, hidden.dtype)
         return runs[autotune.fastest(key, runs, default="onednn")]()
 
@@ -332,9 +338,12 @@ class UniRepLKNetBlock(nn.Module):
         in NCHW or channels-last: whichever is measured
         fastest for the shape on this CPU (``autotune``). SE's gate multiplies its output into channels-last rows."""
         b, c, h, w = x.shape
-        y = self.norm(self.dwconv(x))
+        if self.deploy:  # the compiled depthwise conv, where it is the pick, also pools its output for SE
+            y, pooled = self.dwconv.lk_origin.forward_pooled(x)
+        else:
+            y, pooled = self.norm(self.dwconv(x)), None
         rows = torch.empty(b, h, w, c, dtype=x.dtype, device=x.device)
-        torch.mul(y.permute(0, 2, 3, 1), self.se.gate(y)[:, None, None, :], out=rows)
+        torch.mul(y.permute(0, 2, 3, 1), self.se.gate(y, pooled)[:, None, None, :], out=rows)
         # the compiled GRN (when it builds): two passes over the map instead of about ten ops
         hidden = self._pwconv1_gelu_grn(rows).view(-1, self.hidden)
         if self.deploy:

@@ -88,29 +88,73 @@ def test_depthwise_dilation_and_errors() -> None:
         DepthwiseConv2d(4, 4)
 
 
-@pytest.mark.parametrize("slower", ["plain", "channels_last"])
-def test_tuned_strategy_times_both_layouts_once_per_shape(monkeypatch, slower: str) -> None:
+@pytest.mark.parametrize("fastest", ["plain", "channels_last", "compiled"])
+def test_tuned_strategy_times_the_candidates_once_per_shape(monkeypatch, fastest: str) -> None:
     monkeypatch.setattr(autotune, "_PICKS", {})
     timed = []
 
     def fake_seconds(fn):  # each candidate is `lambda s=strategy: ...`
         fn()
-        timed.append(1)
-        return 2.0 if fn.__defaults__[0] == slower else 1.0
+        timed.append(fn.__defaults__[0])
+        return 1.0 if fn.__defaults__[0] == fastest else 2.0
 
     monkeypatch.setattr(autotune, "_seconds", fake_seconds)
     x, w = torch.randn(1, 4, 8, 8), torch.randn(4, 1, 13, 13)
-    want = "channels_last" if slower == "plain" else "plain"
+    compiled = scan_cpu.kernel() is not None  # inference (no autograd) times the compiled kernel too
+    n = 3 if compiled else 2
+    want = fastest if compiled or fastest != "compiled" else "plain"
     assert tuned_strategy(x, w) == want
-    assert len(timed) == 2 * (1 + autotune.ROUNDS)  # within the clear margin: all rounds
-    assert tuned_strategy(x.clone(), w) == want and len(timed) == 2 * (1 + autotune.ROUNDS)  # cached per shape
+    assert len(timed) == n * (1 + autotune.ROUNDS)  # within the clear margin: all rounds
+    assert tuned_strategy(x.clone(), w) == want and len(timed) == n * (1 + autotune.ROUNDS)  # cached per shape
     assert tuned_strategy(torch.randn(1, 4, 7, 9), w) == want  # 63 pixels: the same power-of-two bucket as 64
-    assert len(timed) == 2 * (1 + autotune.ROUNDS)
+    assert len(timed) == n * (1 + autotune.ROUNDS)
     tuned_strategy(x.contiguous(memory_format=torch.channels_last), w)  # another input layout: timed again
-    assert len(timed) == 4 * (1 + autotune.ROUNDS)
-    assert tuned_strategy(x, torch.randn(4, 1, 15, 15)) == "channels_last"  # above 13x13: untimed
-    assert len(timed) == 4 * (1 + autotune.ROUNDS)
-    torch.testing.assert_close(depthwise_conv2d(x, w), depthwise_conv2d(x, w, strategy="plain"))
+    assert len(timed) == 2 * n * (1 + autotune.ROUNDS)
+    # above 13x13 NCHW is not timed: channels-last untimed under autograd, else against the compiled kernel
+    assert tuned_strategy(x.requires_grad_(), torch.randn(4, 1, 15, 15)) == "channels_last"
+    assert len(timed) == 2 * n * (1 + autotune.ROUNDS)
+    with torch.no_grad():
+        big = tuned_strategy(x, torch.randn(4, 1, 15, 15))
+    assert big == ("compiled" if compiled and fastest == "compiled" else "channels_last")
+    assert set(timed[2 * n * (1 + autotune.ROUNDS):]) == ({"channels_last", "compiled"} if compiled else set())
+    torch.testing.assert_close(depthwise_conv2d(x.detach(), w), depthwise_conv2d(x.detach(), w, strategy="plain"))
+
+
+@pytest.mark.skipif(scan_cpu.kernel() is None, reason="needs the compiled CPU kernels (a C compiler)")
+@pytest.mark.parametrize("shape", [(1, 80, 56, 56, 3), (2, 16, 14, 15, 13), (1, 24, 7, 7, 13), (3, 13, 9, 11, 5),
+                                   (1, 8, 5, 6, 31), (2, 40, 10, 10, 1)])
+def test_compiled_depthwise_conv_matches_pytorch_and_pools(shape: tuple[int, ...]) -> None:
+    """Odd channel counts (a partial vector), maps narrower than the kernel, rows that are not a whole number
+    of 8-pixel tiles; the pooled mean of forward_pooled equals the output's mean."""
+    b, c, h, w, k = shape
+    torch.manual_seed(0)
+    m = DepthwiseConv2d(c, k, bias=True, strategy="compiled")
+    x = torch.randn(b, c, h, w)
+    ref = F.conv2d(x, m.weight, m.bias, padding=k // 2, groups=c)
+    with torch.no_grad():
+        y, pooled = m.forward_pooled(x)
+        y_nchw_in = m(x.contiguous())
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_nchw_in, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled, ref.mean((2, 3)), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        m.weight.mul_(2)  # the cached taps follow the weight
+        torch.testing.assert_close(m(x), F.conv2d(x, m.weight, m.bias, padding=k // 2, groups=c), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="without autograd"):
+        m(x)  # the weight requires grad
+    with torch.no_grad(), pytest.raises(ValueError, match="without dilation"):
+        depthwise_conv2d(x, m.weight, dilation=2, strategy="compiled")
+
+
+def test_compiled_depthwise_conv_is_counted_and_traced_as_pytorch_conv() -> None:
+    """Under a dispatch mode (FLOP counting) the compiled strategy computes by PyTorch's conv, which is counted."""
+    m = DepthwiseConv2d(8, 13, strategy="compiled").requires_grad_(False)
+    x = torch.randn(1, 8, 14, 14)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        y = m(x)
+    assert counter.get_total_flops() == 2 * 8 * 14 * 14 * 13 * 13
+    torch.testing.assert_close(y, F.conv2d(x, m.weight, padding=6, groups=8), rtol=1e-5, atol=1e-5)
 
 
 def test_depthwise_conv_module_is_a_conv2d() -> None:
@@ -475,10 +519,11 @@ def test_block_equals_the_official_formulation(monkeypatch, path: str, deploy: b
             assert torch.isfinite(xg.grad).all()
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", [(1, 4, 4, 64), (3, 5, 7, 37), (2, 9, 9, 130)])  # full and partial channel blocks
-def test_compiled_grn_equals_the_module(shape: tuple[int, ...], threads: int, gelu: bool) -> None:
+def test_compiled_grn_equals_the_module(shape: tuple[int, ...], threads: int, gelu: bool, bias: bool) -> None:
     lib = scan_cpu.kernel()
     if lib is None:
         pytest.skip("no C compiler for the compiled kernels")
@@ -487,17 +532,21 @@ def test_compiled_grn_equals_the_module(shape: tuple[int, ...], threads: int, ge
     grn.gamma.data = torch.randn(grn.gamma.shape, generator=g)
     x = torch.randn(shape, generator=g)
     x[0, ..., 1] = 0.0  # an all-zero channel: scale 1, no NaN
-    want = grn(F.gelu(x) if gelu else x).detach()
+    b = torch.randn(shape[-1], generator=g) if bias else None
+    pre = x if b is None else x + b
+    want = grn(F.gelu(pre) if gelu else pre).detach()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         got = x.clone()
-        assert scan_cpu.grn_(lib, got, grn.gamma.detach(), gelu=gelu) is got  # in place
+        assert scan_cpu.grn_(lib, got, grn.gamma.detach(), bias=b, gelu=gelu) is got  # in place
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="contiguous"):
         scan_cpu.grn_(lib, x.permute(0, 2, 1, 3), grn.gamma.detach())
+    with pytest.raises(ValueError, match="bias fp32"):
+        scan_cpu.grn_(lib, x.clone(), grn.gamma.detach(), bias=torch.zeros(shape[-1] + 1))
 
 
 def test_compiled_gelu_is_as_accurate_as_pytorchs() -> None:

@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 # A candidate this many times slower than another on its first call is not timed further.
 CLEAR_MARGIN = 4.0
-ROUNDS = 3  # timed rounds after the first call, the best counting
+ROUNDS = 5  # timed rounds after the first call, the best counting
 _PICKS: dict[Hashable, str] = {}
 
 
@@ -54,7 +54,8 @@ def fastest(key: Hashable, runs: dict[str, Callable[[], object]], default: str) 
     """The name of the fastest callable in ``runs`` for ``key``, timed (without autograd) on the first call.
 
     Each runs once, round-robin; unless one took ``CLEAR_MARGIN`` times another's time, ``ROUNDS`` more
-    rounds follow and the best time of each counts. ``default`` (a key of ``runs``) is returned untimed
+    rounds follow, in reverse order every other round (a candidate run right after another finds the
+    operands it shares in cache: the order must not favour one), and the best time of each counts. ``default`` (a key of ``runs``) is returned untimed
     when tuning is off, while compiling, or inside a dispatch mode.
     """
     if default not in runs:
@@ -67,8 +68,8 @@ def fastest(key: Hashable, runs: dict[str, Callable[[], object]], default: str) 
             times = {name: [_seconds(fn)] for name, fn in runs.items()}
             firsts = [t[0] for t in times.values()]
             if max(firsts) < CLEAR_MARGIN * min(firsts):
-                for _ in range(ROUNDS):
-                    for name, fn in runs.items():
+                for i in range(ROUNDS):
+                    for name, fn in (reversed if i % 2 == 0 else iter)(list(runs.items())):
                         times[name].append(_seconds(fn))
         _PICKS[key] = min(times, key=lambda name: min(times[name]))
     return _PICKS[key]

@@ -6,7 +6,10 @@ CPU (AMD EPYC Zen 4) NCHW is 1.3-2.6x faster at 13x13 and ~20x slower above it; 
 (Zen 3) NCHW is 9-12x slower at 11x11 and 13x13 and 15x slower at 3x3 on a 56x56 map with 80
 channels, faster at 5x5-9x9 on 14x14. So the strategy is measured, not assumed: the first call of
 each shape times both layouts (``tuned_strategy`` by ``autotune.fastest``) and later calls reuse
-the pick. FFT convolution is never the fastest at backbone resolutions
+the pick. For inference (no autograd, fp32) a third candidate is the compiled channels-last kernel
+of ``scan_cpu`` (``depthwise_conv``: register tiles that load each input once for 8 outputs, and no
+taps over the zero padding), 1.4-2.3x oneDNN's channels-last conv at 13x13 on an AVX2 CPU. FFT
+convolution is never the fastest at backbone resolutions
 (<= 56x56). ``benchmarks/large_kernel_conv.py`` measures the strategies side by side. Other
 devices use ``F.conv2d`` as given (cuDNN picks its own algorithm).
 
@@ -20,31 +23,65 @@ True
 """
 from __future__ import annotations
 
+import ctypes
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import autotune
+from . import autotune, scan_cpu
+from .derived import derived
 
-STRATEGIES = ("plain", "channels_last", "fft")
-# Kernels above this size are channels-last on CPU without timing: NCHW is ~20x slower there on every
-# CPU measured, and timing it would cost one such call per shape.
+STRATEGIES = ("plain", "channels_last", "fft", "compiled")
+# Kernels above this size are not timed in NCHW on CPU: NCHW is ~20x slower there on every CPU
+# measured, and timing it would cost one such call per shape.
 CPU_NCHW_MAX_KERNEL = 13
 
 
-def tuned_strategy(x: torch.Tensor, weight: torch.Tensor, dilation: int = 1) -> str:
-    """'plain' (NCHW) or 'channels_last', whichever runs this CPU conv faster from ``x``'s own layout
-    (conversion included), timed by ``autotune.fastest`` on the first call of each shape (batch and pixel
-    count rounded up to powers of two). Kernels above ``CPU_NCHW_MAX_KERNEL`` are channels-last untimed;
-    'plain' is the default where nothing is timed."""
-    if weight.shape[-1] > CPU_NCHW_MAX_KERNEL:
-        return "channels_last"
+def _intercepted() -> bool:
+    """Whether ops are being traced or intercepted (compiling, a dispatch mode: FLOP counting, fake tensors),
+    which a call into the compiled library would bypass."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
+def _compiled_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     dilation: int) -> ctypes.CDLL | None:
+    """The compiled library when the 'compiled' strategy can run this conv: an fp32 CPU map, no dilation, no
+    gradient to compute (it has no backward), nothing tracing the ops (``_intercepted``); else None."""
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if grad or dilation != 1 or weight.dtype != torch.float32 or _intercepted():
+        return None
+    return scan_cpu.kernel_for(x)
+
+
+def conv_taps(weight: torch.Tensor) -> torch.Tensor:
+    """A depthwise weight [C, 1, k, k] as the compiled kernel reads it: [k * k, C]."""
+    return weight.detach().reshape(weight.shape[0], -1).t().contiguous()
+
+
+def tuned_strategy(x: torch.Tensor, weight: torch.Tensor, dilation: int = 1, bias: torch.Tensor | None = None) -> str:
+    """'plain' (NCHW), 'channels_last' or, where it can run (``_compiled_kernel``: inference), 'compiled',
+    whichever runs this CPU conv fastest from ``x``'s own layout (conversion included), timed by
+    ``autotune.fastest`` on the first call of each shape (batch and pixel count rounded up to powers of
+    two). Kernels above ``CPU_NCHW_MAX_KERNEL`` are not timed in NCHW; 'plain' is the default where
+    nothing is timed ('channels_last' above that size)."""
     xd, wd = x.detach(), weight.detach()
+    runs = {s: (lambda s=s: _layout_conv(xd, wd, None, dilation, s)) for s in ("plain", "channels_last")}
+    if weight.shape[-1] > CPU_NCHW_MAX_KERNEL:
+        del runs["plain"]
+    lib = _compiled_kernel(x, weight, bias, dilation)
+    if lib is not None:
+        taps = conv_taps(weight)
+        runs["compiled"] = lambda s="compiled": scan_cpu.depthwise_conv(
+            lib, xd.contiguous(memory_format=torch.channels_last), taps)
+    if len(runs) == 1:
+        return next(iter(runs))
     b, c, h, w = x.shape
     key = ("depthwise", autotune.bucket(b), c, autotune.bucket(h * w), x.is_contiguous(), tuple(weight.shape),
-           dilation, x.dtype)
-    return autotune.fastest(key, {s: (lambda s=s: _layout_conv(xd, wd, None, dilation, s))
-                                  for s in ("plain", "channels_last")}, default="plain")
+           dilation, x.dtype, tuple(runs))
+    return autotune.fastest(key, runs, default="plain" if "plain" in runs else "channels_last")
 
 
 def _same_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
@@ -71,25 +108,41 @@ def _fft_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
-def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                     dilation: int = 1, strategy: str | None = None) -> torch.Tensor:
-    """Stride-1 depthwise conv of ``x`` [B, C, H, W] with ``weight`` [C, 1, k, k], same-size output.
-
-    ``strategy`` is one of ``STRATEGIES`` ('plain': NCHW memory); ``None`` picks ``tuned_strategy`` on
-    CPU and runs ``x`` as given elsewhere. The output may be channels-last in memory (its shape is
-    always NCHW).
-    """
+def _depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int, strategy: str | None,
+               taps: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The conv by ``strategy`` (see ``depthwise_conv2d``) and, from the compiled kernel, each image's
+    per-channel sums of it [B, C] (else None); ``taps()`` gives the weight in the compiled kernel's layout."""
     if strategy is None:
         if x.device.type != "cpu":
-            return _same_conv(x, weight, bias, dilation)
-        strategy = tuned_strategy(x, weight, dilation)
+            return _same_conv(x, weight, bias, dilation), None
+        strategy = tuned_strategy(x, weight, dilation, bias)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES} or None, got {strategy!r}")
     if strategy == "fft":
         if dilation != 1:
             raise ValueError(f"the fft strategy takes dilation=1 only, got dilation={dilation}")
-        return _fft_depthwise(x, weight, bias)
-    return _layout_conv(x, weight, bias, dilation, strategy)
+        return _fft_depthwise(x, weight, bias), None
+    if strategy == "compiled":
+        lib = _compiled_kernel(x, weight, bias, dilation)
+        if lib is not None:
+            return scan_cpu.depthwise_conv(lib, x.contiguous(memory_format=torch.channels_last), taps(), bias)
+        if not _intercepted():
+            raise ValueError("the compiled strategy computes fp32 CPU convs without dilation and without autograd "
+                             "(inference: under torch.no_grad()), with the compiled kernel built (a C compiler, "
+                             "ARENA_SCAN_KERNEL not 'torch'); pick another strategy or None")
+        strategy = "channels_last"  # its function, where the ops are traced
+    return _layout_conv(x, weight, bias, dilation, strategy), None
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                     dilation: int = 1, strategy: str | None = None) -> torch.Tensor:
+    """Stride-1 depthwise conv of ``x`` [B, C, H, W] with ``weight`` [C, 1, k, k], same-size output.
+
+    ``strategy`` is one of ``STRATEGIES`` ('plain': NCHW memory; 'compiled': inference only); ``None``
+    picks ``tuned_strategy`` on CPU and runs ``x`` as given elsewhere. The output may be channels-last
+    in memory (its shape is always NCHW).
+    """
+    return _depthwise(x, weight, bias, dilation, strategy, lambda: conv_taps(weight))[0]
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -109,8 +162,18 @@ class DepthwiseConv2d(nn.Conv2d):
                          dilation=dilation, groups=channels, bias=bias)
         self.strategy = strategy
 
+    def _taps(self) -> torch.Tensor:
+        """The weight in the compiled kernel's layout, transposed once per weight version (``derived``)."""
+        return derived(self, "taps", (self.weight,), lambda: conv_taps(self.weight))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return depthwise_conv2d(x, self.weight, self.bias, dilation=self.dilation[0], strategy=self.strategy)
+        return _depthwise(x, self.weight, self.bias, self.dilation[0], self.strategy, self._taps)[0]
+
+    def forward_pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward(x)`` and its mean over H and W [B, C] (a squeeze-excite's pooling), taken from the
+        compiled kernel's own pass where that is the strategy."""
+        y, sums = _depthwise(x, self.weight, self.bias, self.dilation[0], self.strategy, self._taps)
+        return y, y.mean((2, 3)) if sums is None else sums / (y.shape[-2] * y.shape[-1])
 
 
 # --- structural reparameterization: the algebra that merges branches into one kernel ----------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -91,7 +92,9 @@ def _load() -> ctypes.CDLL | None:
     lib.arena_rms_norm_bwd.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 2 + [ctypes.c_int]
     lib.arena_token_conv.restype = lib.arena_token_conv_wgrad.restype = lib.arena_gate.restype = None
     lib.arena_rms_norm.restype = lib.arena_rms_norm_bwd.restype = None
-    lib.arena_grn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_float] + [ctypes.c_int] * 2
+    lib.arena_grn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_float] + [ctypes.c_int] * 2
+    lib.arena_dwconv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 5 + [ctypes.c_int]
+    lib.arena_dwconv.restype = ctypes.c_int
     lib.arena_grn.restype = None
     lib.arena_gelu.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_int]
     lib.arena_gelu.restype = None
@@ -305,19 +308,46 @@ def rms_norm(lib: ctypes.CDLL, x: Tensor, weight: Tensor, eps: float) -> tuple[T
     return y, rstd
 
 
-def grn_(lib: ctypes.CDLL, x: Tensor, gamma: Tensor, eps: float = 1e-6, *, gelu: bool = False) -> Tensor:
+def grn_(lib: ctypes.CDLL, x: Tensor, gamma: Tensor, eps: float = 1e-6, *, bias: Tensor | None = None,
+         gelu: bool = False) -> Tensor:
     """ConvNeXt-V2's GRN without bias in place on fp32 channels-last rows ``x`` [B, ..., C] (contiguous):
     ``x * (gamma * g / (mean_c g + eps) + 1)``, ``g`` each image's per-channel L2 norm over the pixels;
-    with ``gelu``, of ``GELU(x)`` (exact, erf form), computed in the same pass."""
+    of ``x + bias`` (a GEMM's bias [C], so that the GEMM need not copy it into its output first) and with
+    ``gelu`` of ``GELU(x (+ bias))`` (exact, erf form), computed in the same pass."""
     c = x.shape[-1]
-    if not x.is_contiguous() or gamma.numel() != c or gamma.dtype != torch.float32:
-        raise ValueError(f"grn_: x must be contiguous with channels last and gamma fp32 [{c}], got x strides "
-                         f"{x.stride()}, gamma {gamma.dtype} {tuple(gamma.shape)}")
-    gamma = gamma.contiguous()
+    if (not x.is_contiguous() or gamma.numel() != c or gamma.dtype != torch.float32
+            or (bias is not None and (bias.shape != (c,) or bias.dtype != torch.float32))):
+        raise ValueError(f"grn_: x must be contiguous with channels last, gamma and bias fp32 [{c}], got x strides "
+                         f"{x.stride()}, gamma {gamma.dtype} {tuple(gamma.shape)}"
+                         + ("" if bias is None else f", bias {bias.dtype} {tuple(bias.shape)}"))
+    gamma, bias = gamma.contiguous(), None if bias is None else bias.contiguous()
     scale = x.new_empty(x.shape[0], c)
-    lib.arena_grn(x.data_ptr(), gamma.data_ptr(), scale.data_ptr(), x.shape[0], x[0].numel() // c, c, eps,
-                  int(gelu), torch.get_num_threads())
+    lib.arena_grn(x.data_ptr(), gamma.data_ptr(), _ptr(bias), scale.data_ptr(), x.shape[0], x[0].numel() // c, c,
+                  eps, int(gelu), torch.get_num_threads())
     return x
+
+
+def depthwise_conv(lib: ctypes.CDLL, x: Tensor, taps: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The stride-1 'same' depthwise conv of an fp32 channels-last map ``x`` [B, C, H, W] with ``taps``
+    [k * k, C] (the [C, 1, k, k] weight transposed, k odd) for inference, and each image's per-channel sum
+    of the output [B, C] from the same pass (a squeeze-excite's pooling). The output is channels-last.
+    Register tiles of 8 outputs by 4 taps load an input vector once for all the outputs it reaches; taps
+    over the zero padding are skipped (``arena_dwconv``)."""
+    b, c, h, w = x.shape
+    k = math.isqrt(taps.shape[0])
+    if (x.dtype != torch.float32 or not x.is_contiguous(memory_format=torch.channels_last)
+            or taps.shape != (k * k, c) or k % 2 == 0 or taps.dtype != torch.float32 or not taps.is_contiguous()
+            or (bias is not None and (bias.shape != (c,) or bias.dtype != torch.float32))):
+        raise ValueError(f"depthwise_conv: x must be an fp32 channels-last [B, C, H, W] map, taps contiguous fp32 "
+                         f"[k * k, C] with k odd and bias fp32 [C], got x {x.dtype} {tuple(x.shape)} (strides "
+                         f"{x.stride()}), taps {taps.dtype} {tuple(taps.shape)}"
+                         + ("" if bias is None else f", bias {bias.dtype} {tuple(bias.shape)}"))
+    bias = None if bias is None else bias.contiguous()
+    y, sums = x.new_empty(b, h, w, c), x.new_empty(b, c)
+    if lib.arena_dwconv(x.data_ptr(), taps.data_ptr(), _ptr(bias), y.data_ptr(), sums.data_ptr(), b, h, w, c, k,
+                        torch.get_num_threads()):
+        raise MemoryError(f"depthwise_conv: no memory for the padded buffers of a {h}x{w} map")
+    return y.permute(0, 3, 1, 2), sums
 
 
 def dense(x: Tensor) -> bool:

@@ -466,11 +466,12 @@ void arena_rms_norm(const float *x, const float *wt, float *y, float *rstd, long
 
 /* ConvNeXt-V2's global response norm in place, for inference: per image of x [batch, pixels, dim]
  * (channels-last rows, contiguous), x *= gamma * g / (mean_c g + eps) + 1 with g[c] the L2 norm of
- * channel c over the pixels; with gelu, x = GELU(x) first (GELU -> GRN, as UniRepLKNet's blocks run),
- * in the same pass. Two passes per image: each thread sums the squares of its own range of
- * channels down the pixel rows into scale [batch, dim] (the caller's), then the rows are scaled. */
-void arena_grn(float *x, const float *gamma, float *scale, long batch, long pixels, long dim, float eps,
-               int gelu, int threads) {
+ * channel c over the pixels; first, in the same pass, bias [dim] is added (unless NULL: a GEMM's bias, added
+ * here instead of copied into its output beforehand) and with gelu x = GELU(x) (GELU -> GRN, as UniRepLKNet's
+ * blocks run). Two passes per image: each thread sums the squares of its own range of channels down the
+ * pixel rows into scale [batch, dim] (the caller's), then the rows are scaled. */
+void arena_grn(float *x, const float *gamma, const float *bias, float *scale, long batch, long pixels, long dim,
+               float eps, int gelu, int threads) {
     const long blocks = (dim + W - 1) / W;
     for (long b = 0; b < batch; b++) {
         float *xb = x + b * pixels * dim, *sb = scale + b * dim;
@@ -484,7 +485,9 @@ void arena_grn(float *x, const float *gamma, float *scale, long batch, long pixe
 #define SQUARES_DOWN(c, w)                                                                           \
                 {                                                                                    \
                     vf v = load(row + c, w);                                                         \
-                    if (gelu) store(row + c, v = vgelu(v), w);                                       \
+                    if (bias) v += load(bias + c, w);                                                \
+                    if (gelu) v = vgelu(v);                                                          \
+                    if (bias || gelu) store(row + c, v, w);                                          \
                     store(sb + c, load(sb + c, w) + v * v, w);                                       \
                 }
                 FOR_BLOCKS(c0, c1, SQUARES_DOWN);
@@ -504,6 +507,86 @@ void arena_grn(float *x, const float *gamma, float *scale, long batch, long pixe
         }
     }
 }
+
+/* The depthwise 'same' conv of channels-last maps, for inference (stride 1, odd k, no dilation):
+ *   y[b, i, j, c] = bias[c] + sum_{p, q < k} wt[p, q, c] * x[b, i + p - k/2, j + q - k/2, c]   (x zero outside)
+ * x, y [batch, h, wd, dim] contiguous and distinct, wt [k, k, dim] (the taps first), bias [dim] or NULL;
+ * sums [batch, dim], unless NULL, gets each image's per-channel sum of y (SE's pooling) from the same pass.
+ * Work unit: one image's block of W channels, copied into an aligned buffer whose rows carry k/2 zero
+ * columns before and zeros after, so that the inner loops check no bounds; kernel rows that fall
+ * outside the map, and taps whose inputs are all zero columns, are skipped. DW_R neighbouring outputs
+ * of a row accumulate in registers, the taps of a kernel row come four at a time, and each input
+ * vector is loaded once for the DW_R outputs it reaches: 0.5 loads per FMA instead of the 1 + 1/DW_R of
+ * one loop over outputs and one over taps. */
+#define DW_R 8
+#define DW_TAPS(Q)                                                                                   \
+    static inline void dw_taps##Q(vf *acc, const vf *xs, const vf *ws) {                             \
+        vf wq[Q];                                                                                    \
+        for (int q = 0; q < Q; q++) wq[q] = ws[q];                                                   \
+        _Pragma("GCC unroll 16") for (int j = 0; j < DW_R + Q - 1; j++) {                            \
+            const vf xv = xs[j];                                                                     \
+            _Pragma("GCC unroll 16") for (int r = 0; r < DW_R; r++)                                  \
+                if (j - r >= 0 && j - r < Q) acc[r] += xv * wq[j - r];                              \
+        }                                                                                            \
+    }
+DW_TAPS(1)
+DW_TAPS(2)
+DW_TAPS(3)
+DW_TAPS(4)
+#undef DW_TAPS
+
+int arena_dwconv(const float *x, const float *wt, const float *bias, float *y, float *sums, long batch, long h,
+                 long wd, long dim, long k, int threads) {
+    const long pad = k / 2, blocks = (dim + W - 1) / W, tiles = (wd + DW_R - 1) / DW_R;
+    const long pw = tiles * DW_R + k - 1;  /* a padded row: k/2 zeros, the row, zeros to the last tile's reach */
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        vf *xp = aligned_alloc(sizeof(vf), h * pw * sizeof(vf)), *wp = aligned_alloc(sizeof(vf), k * k * sizeof(vf));
+        failed = !xp || !wp;
+#pragma omp for collapse(2) schedule(static)
+        for (long b = 0; b < batch; b++)
+            for (long cb = 0; cb < blocks; cb++) {
+                if (failed) continue;
+                const long c = cb * W, w = dim - c < W ? dim - c : W;
+                memset(xp, 0, h * pw * sizeof(vf));
+                for (long i = 0; i < h; i++)
+                    for (long j = 0; j < wd; j++) xp[i * pw + pad + j] = load(x + ((b * h + i) * wd + j) * dim + c, w);
+                for (long t = 0; t < k * k; t++) wp[t] = load(wt + t * dim + c, w);
+                const vf bv = bias ? load(bias + c, w) : (vf){0};
+                vf total = {0};
+                for (long i = 0; i < h; i++) {
+                    const long p0 = pad - i > 0 ? pad - i : 0, p1 = h + pad - i < k ? h + pad - i : k;
+                    for (long j0 = 0; j0 < wd; j0 += DW_R) {
+                        const long q0 = pad - j0 - DW_R + 1 > 0 ? pad - j0 - DW_R + 1 : 0;
+                        const long q1 = wd + pad - j0 < k ? wd + pad - j0 : k;
+                        vf acc[DW_R];
+                        for (int r = 0; r < DW_R; r++) acc[r] = bv;
+                        for (long p = p0; p < p1; p++) {
+                            const vf *xs = xp + (i + p - pad) * pw + j0, *ws = wp + p * k;
+                            long q = q0;
+                            for (; q + 4 <= q1; q += 4) dw_taps4(acc, xs + q, ws + q);
+                            switch (q1 - q) {
+                                case 3: dw_taps3(acc, xs + q, ws + q); break;
+                                case 2: dw_taps2(acc, xs + q, ws + q); break;
+                                case 1: dw_taps1(acc, xs + q, ws + q); break;
+                            }
+                        }
+                        float *out = y + ((b * h + i) * wd + j0) * dim + c;
+                        for (long r = 0; r < DW_R && j0 + r < wd; r++) {
+                            store(out + r * dim, acc[r], w);
+                            total += acc[r];
+                        }
+                    }
+                }
+                if (sums) store(sums + b * dim + c, total, w);
+            }
+        free(xp);
+        free(wp);
+    }
+    return failed ? -1 : 0;
+}
+#undef DW_R
 
 /* The gradients of arena_rms_norm from y's gradient dy: dx = rstd * wt * dy - x * rstd^3 * mean(wt * dy * x),
  * and wt's, sum over rows of dy * x * rstd, into dw_parts [threads, dim] (zeroed; one row per thread, summed
