@@ -249,21 +249,27 @@ class BiMamba(nn.Module):
         y = (self._scan(xz, "") + self._scan(xz.flip(1), "_b").flip(-1)) / 2
         return self.out_proj(y.transpose(1, 2))
 
-    def _kernel_constants(self, suffix: str) -> tuple[torch.Tensor, ...]:
+    def _kernel_constants(self, lib, suffix: str) -> tuple[torch.Tensor | None, ...]:
         """One direction's constant inputs of the fused kernels, fp32 in the layouts they read: conv taps
         [d_inner, d_conv] (reversed for ``_b``, whose conv reads the tokens after), conv bias, A [d_inner,
-        d_state] (views of contiguous [d_conv, d_inner] and [d_state, d_inner]), D, dt bias. Derived once
-        per version of the parameters: streamed inference would otherwise recompute them in every block."""
-        conv, _, dt_proj, A_log, D = self._parts(suffix)
+        d_state] (views of contiguous [d_conv, d_inner] and [d_state, d_inner]), D, dt bias, x_proj's weight
+        for ``scan_cpu.thin_matmul`` (None where its output is too wide for it) and dt_proj's transposed
+        [dt_rank, d_inner]. Derived once per version of the parameters: streamed inference would otherwise
+        recompute them in every block."""
+        conv, x_proj, dt_proj, A_log, D = self._parts(suffix)
 
-        def build() -> tuple[torch.Tensor, ...]:
+        def build() -> tuple[torch.Tensor | None, ...]:
             with torch.no_grad():
                 taps = conv.weight[:, 0].float()
                 taps = (taps if suffix == "" else taps.flip(-1)).t().contiguous().t()
                 A = (-torch.exp(A_log.float())).t().contiguous().t()
-                return taps, conv.bias.float().contiguous(), A, D.float().contiguous(), dt_proj.bias.float().contiguous()
+                thin = x_proj.out_features <= scan_cpu.THIN_VECTORS * scan_cpu.block_width(lib)
+                return (taps, conv.bias.float().contiguous(), A, D.float().contiguous(),
+                        dt_proj.bias.float().contiguous(), scan_cpu.thin_weight(lib, x_proj.weight) if thin else None,
+                        dt_proj.weight.float().t().contiguous())
 
-        return derived(self, "kernel" + suffix, (conv.weight, conv.bias, A_log, D, dt_proj.bias), build)
+        sources = (conv.weight, conv.bias, A_log, D, dt_proj.bias, x_proj.weight, dt_proj.weight)
+        return derived(self, "kernel" + suffix, sources, build)
 
     def _scan_tokens(self, lib, x: torch.Tensor, suffix: str, h: torch.Tensor, *, pad: int, length: int,
                      **scan_kwargs) -> torch.Tensor:
@@ -275,10 +281,12 @@ class BiMamba(nn.Module):
         last token to the first. ``h`` is updated to the state leaving the block; ``scan_kwargs``
         go to ``scan_cpu.scan`` (``out``, ``z``, ``accumulate``).
         """
-        taps, conv_bias, A, D, dt_bias = self._kernel_constants(suffix)
+        taps, conv_bias, A, D, dt_bias, x_proj_t, dt_proj_t = self._kernel_constants(lib, suffix)
         u = scan_cpu.token_conv(lib, x, taps, conv_bias, pad=pad, length=length, silu=True)
-        p = self._parts(suffix)
-        xdbl, dt = _projections(u, p.x_proj.weight, p.dt_proj.weight)
+        if x_proj_t is None:
+            xdbl, dt = _projections(u, self._parts(suffix).x_proj.weight, dt_proj_t.t())
+        else:  # both projections by the kernel for thin outputs, in one pass over the tokens
+            xdbl, dt = scan_cpu.thin_matmul(lib, u, x_proj_t, self.dt_rank + 2 * self.d_state, then=dt_proj_t)
         return scan_cpu.scan(lib, u, dt, A, *_b_c(xdbl, self.dt_rank), h, D=D, delta_bias=dt_bias,
                              delta_softplus=True, reverse=suffix == "_b", **scan_kwargs)
 

@@ -257,6 +257,41 @@ def test_fused_conv_silu_and_gated_sum_of_two_directions(scan_kernel):
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the fused kernel")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows,k,n", [(7, 384, 44), (8, 5, 1), (3, 19, 64), (1, 40, 17), (6, 12, 33)])
+def test_thin_matmul_and_its_second_stage(scan_kernel, rows: int, k: int, n: int, threads: int):
+    """Vim's x and dt projections: an output of whole and partial vectors, odd row counts, strided input rows."""
+    if scan_kernel == "torch":
+        pytest.skip("the fused kernel is off")
+    lib = scan_cpu.kernel()
+    width = scan_cpu.block_width(lib)
+    if n > scan_cpu.THIN_VECTORS * width:
+        pytest.skip("wider than the kernel's registers on this CPU")
+    g = torch.Generator().manual_seed(rows * k + n)
+    x = torch.randn(2, rows, k + 3, generator=g)[..., 2:k + 2]  # rows with a stride of their own
+    w, w2 = torch.randn(n, k, generator=g), torch.randn(2 * width + 3, min(n, 12), generator=g)  # dt_proj-like
+    wt = scan_cpu.thin_weight(lib, w)
+    assert wt.shape == (k, -(-n // width) * width) and torch.equal(wt[:, n:], torch.zeros_like(wt[:, n:]))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = scan_cpu.thin_matmul(lib, x, wt, n)
+        y2, z = scan_cpu.thin_matmul(lib, x, wt, n, then=w2.t().contiguous())
+    finally:
+        torch.set_num_threads(before)
+    want = x @ w.t()
+    assert y.shape == (2, rows, n) and _rel(y, want) < 1e-6
+    assert torch.equal(y2, y) and z.shape == (2, rows, w2.shape[0])
+    assert _rel(z, want[..., :w2.shape[1]] @ w2.t()) < 1e-6
+    with pytest.raises(ValueError, match="then must be"):
+        scan_cpu.thin_matmul(lib, x, wt, n, then=torch.zeros(n + 1, 4))
+    with pytest.raises(ValueError, match="wt must be"):
+        scan_cpu.thin_matmul(lib, x, wt[1:].contiguous(), n)
+    with pytest.raises(ValueError, match="outputs up to"):
+        scan_cpu.thin_weight(lib, torch.zeros(scan_cpu.THIN_VECTORS * width + 1, k))
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the fused kernel")
 def test_fused_backward_of_a_reversed_scan_on_strided_views(scan_kernel):
     """scan_backward(reverse=True) reads views in place and equals the reference's gradients on flipped inputs."""
     if scan_kernel == "torch":

@@ -484,12 +484,15 @@ def test_bf16_autocast_close_to_fp32(name):
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("thin", [True, False])  # projections by thin_matmul, or (too wide for it) by BLAS
 @pytest.mark.parametrize("block", [vim.STREAM_BLOCK, 5, 2])
-def test_vim_streamed_inference_matches_autograd_path(monkeypatch, block):
+def test_vim_streamed_inference_matches_autograd_path(monkeypatch, block, thin):
     """CPU inference mode streams blocks of tokens (2 < the conv context of 3) and gives the same tokens."""
     if scan_cpu.kernel() is None:
         pytest.skip("no fused CPU scan (no C compiler, or ARENA_SCAN_KERNEL=torch): nothing streams")
     monkeypatch.setattr(vim, "STREAM_BLOCK", block)
+    if not thin:
+        monkeypatch.setattr(scan_cpu, "THIN_VECTORS", 0)
     calls, stream = [], vim.BiMamba.stream_
     monkeypatch.setattr(vim.BiMamba, "stream_", lambda self, *a: calls.append(1) or stream(self, *a))
     torch.manual_seed(0)

@@ -82,6 +82,10 @@ def _load() -> ctypes.CDLL | None:
                                          + [ctypes.c_long] * 5 + [ctypes.c_int] * 3)
     lib.arena_selective_scan_grid.argtypes = ([ctypes.c_void_p] * 10 + [ctypes.POINTER(ctypes.c_long)]
                                               + [ctypes.c_long] * 6 + [ctypes.c_int] * 3)
+    lib.arena_thin_matmul.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+                                      + [ctypes.c_long] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3
+                                      + [ctypes.c_int])
+    lib.arena_thin_matmul.restype = ctypes.c_int
     lib.arena_token_conv.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 3
                                      + [ctypes.c_long] * 8 + [ctypes.c_int] * 2 + [ctypes.c_void_p, ctypes.c_int])
     lib.arena_gate.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_long] + [ctypes.c_void_p] * 3
@@ -261,6 +265,51 @@ def token_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor, *, pad
                          out.stride(0), out.stride(1), b, t, length, d, k, pad, 2 if g is not None else int(silu),
                          int(accumulate), _ptr(g), torch.get_num_threads())
     return out
+
+
+THIN_VECTORS = 8  # the widest output of thin_matmul, in vectors of block_width(lib) floats (its THIN_MAX)
+
+
+def block_width(lib: ctypes.CDLL) -> int:
+    """The floats per vector register the kernels were compiled for (8 with AVX2, 16 with AVX-512)."""
+    return lib.arena_block_width()
+
+
+def thin_weight(lib: ctypes.CDLL, weight: Tensor) -> Tensor:
+    """A Linear ``weight`` [n, k] as ``thin_matmul`` reads it: transposed, zero-padded to whole vectors [k, n']."""
+    n, k = weight.shape
+    w = block_width(lib)
+    if n > THIN_VECTORS * w:
+        raise ValueError(f"thin_matmul computes outputs up to {THIN_VECTORS * w} wide, got a weight of {n} rows")
+    wt = weight.new_zeros(k, -(-n // w) * w, dtype=torch.float32)
+    wt[:, :n] = weight.detach().t()
+    return wt
+
+
+def thin_matmul(lib: ctypes.CDLL, x: Tensor, wt: Tensor, n: int,
+                then: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """``y = x @ W.t()`` for fp32 rows ``x`` [..., k] and a Linear weight W [n, k] given as ``thin_weight(W)``:
+    the output a few vectors wide (Mamba's x projection, n = dt_rank + 2 * d_state), where BLAS runs far
+    below its square-matrix rate and this kernel keeps every output vector of two rows in registers.
+    With ``then`` [r, m] (contiguous fp32, r <= n), also ``y[..., :r] @ then`` from the same pass over the
+    rows (Mamba's dt: dt_proj's weight transposed); returns ``(y, that)``."""
+    k = x.shape[-1]
+    rows = _rows(x, 1).reshape(-1, k)
+    if wt.dtype != torch.float32 or not wt.is_contiguous() or wt.shape[0] != k or not 0 < n <= wt.shape[1]:
+        raise ValueError(f"thin_matmul: wt must be thin_weight's contiguous fp32 [{k}, >= {n}], "
+                         f"got {wt.dtype} {tuple(wt.shape)}")
+    if then is not None and not (then.dtype == torch.float32 and then.is_contiguous() and then.ndim == 2
+                                 and then.shape[0] <= n):
+        raise ValueError(f"thin_matmul: then must be contiguous fp32 [r <= {n}, m], got {then.dtype} "
+                         f"{tuple(then.shape)}")
+    y = x.new_empty(rows.shape[0], n)
+    z = None if then is None else x.new_empty(rows.shape[0], then.shape[1])
+    r, m = (0, 0) if then is None else then.shape
+    if lib.arena_thin_matmul(rows.data_ptr(), rows.stride(0), wt.data_ptr(), y.data_ptr(), n, rows.shape[0], k, n,
+                             _ptr(then), _ptr(z), m, r, m, torch.get_num_threads()):
+        raise ValueError(f"thin_matmul: {n} outputs need {-(-n // block_width(lib))} vectors, at most {THIN_VECTORS}")
+    y = y.view(*x.shape[:-1], n)
+    return y if z is None else (y, z.view(*x.shape[:-1], m))
 
 
 def _gate_rows(s: Tensor, z: Tensor) -> tuple[int, int, int]:

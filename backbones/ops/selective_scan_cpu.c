@@ -411,6 +411,93 @@ void arena_token_conv(const float *x, long batch_stride, long token_stride, cons
         }
 }
 
+/* y[r, j] = sum_i x[r, i] * wt[i, j] for j < n: a GEMM whose output is at most THIN_MAX vectors wide
+ * (Mamba's x projection: 44 columns), where BLAS libraries run far below their square-matrix rate.
+ * x rows [rows, k] (row stride x_stride, contiguous within), wt [k, nv * W] (nv = n / W rounded up;
+ * zero columns past n), y rows [rows, n] (row stride y_stride). Two rows at a time with every output
+ * vector in a register: per input column, nv loads of wt and two broadcasts feed 2 * nv FMAs. */
+#define THIN_MAX 8
+#define THIN_ROWS(NV)                                                                                \
+    static void thin_rows##NV(const float *x0, const float *x1, const float *wt, float *y0, float *y1, \
+                              long k, long n) {                                                      \
+        vf a0[NV], a1[NV];                                                                           \
+        for (int v = 0; v < NV; v++) a0[v] = a1[v] = (vf){0};                                        \
+        for (long i = 0; i < k; i++) {                                                               \
+            const float b0 = x0[i], b1 = x1[i];                                                      \
+            const vf *wv = (const vf *)(wt + i * NV * W);                                            \
+            for (int v = 0; v < NV; v++) {                                                           \
+                vf wi;                                                                               \
+                memcpy(&wi, wv + v, sizeof wi);                                                      \
+                a0[v] += b0 * wi;                                                                    \
+                a1[v] += b1 * wi;                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+        for (int v = 0; v < NV; v++) {                                                               \
+            const long w = n - v * W < W ? n - v * W : W;                                            \
+            store(y0 + v * W, a0[v], w);                                                             \
+            if (y1) store(y1 + v * W, a1[v], w);                                                     \
+        }                                                                                            \
+    }
+THIN_ROWS(1)
+THIN_ROWS(2)
+THIN_ROWS(3)
+THIN_ROWS(4)
+THIN_ROWS(5)
+THIN_ROWS(6)
+THIN_ROWS(7)
+THIN_ROWS(8)
+#undef THIN_ROWS
+
+/* z[r, j] = sum_i y[r, i] * wt[i, j] for i < k, j < n, two rows at a time: a GEMM with a short inner
+ * dimension (Mamba's dt_proj: 12), four output vectors of each row in registers, then one at a time. */
+static void short_rows(const float *y0, const float *y1, const float *wt, float *z0, float *z1, long k, long n) {
+    long j = 0;
+    for (; j + 4 * W <= n; j += 4 * W) {
+        vf a0[4] = {{0}}, a1[4] = {{0}};
+        for (long i = 0; i < k; i++)
+            for (int v = 0; v < 4; v++) {
+                const vf wi = load(wt + i * n + j + v * W, W);
+                a0[v] += y0[i] * wi;
+                a1[v] += y1[i] * wi;
+            }
+        for (int v = 0; v < 4; v++) {
+            store(z0 + j + v * W, a0[v], W);
+            if (z1) store(z1 + j + v * W, a1[v], W);
+        }
+    }
+    for (; j < n; j += W) {
+        const long w = n - j < W ? n - j : W;
+        vf a0 = {0}, a1 = {0};
+        for (long i = 0; i < k; i++) {
+            const vf wi = load(wt + i * n + j, w);
+            a0 += y0[i] * wi;
+            a1 += y1[i] * wi;
+        }
+        store(z0 + j, a0, w);
+        if (z1) store(z1 + j, a1, w);
+    }
+}
+
+/* With wt2 [k2, n2] (contiguous) also z = y[:, :k2] @ wt2 into z rows (row stride z_stride), each pair
+ * of rows right after its y, still in cache (Mamba's dt = dt_proj(x_proj(u)[:, :dt_rank])).
+ * Returns 0, or 1 when n is wider than THIN_MAX vectors or k2 exceeds n. */
+int arena_thin_matmul(const float *x, long x_stride, const float *wt, float *y, long y_stride, long rows, long k,
+                      long n, const float *wt2, float *z, long z_stride, long k2, long n2, int threads) {
+    static void (*const kernels[THIN_MAX])(const float *, const float *, const float *, float *, float *, long, long) = {
+        thin_rows1, thin_rows2, thin_rows3, thin_rows4, thin_rows5, thin_rows6, thin_rows7, thin_rows8};
+    const long nv = (n + W - 1) / W;
+    if (n < 1 || nv > THIN_MAX || (wt2 && k2 > n)) return 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; r += 2) {
+        const int pair = r + 1 < rows;
+        float *y0 = y + r * y_stride, *y1 = pair ? y + (r + 1) * y_stride : NULL;
+        kernels[nv - 1](x + r * x_stride, x + (r + pair) * x_stride, wt, y0, y1, k, n);
+        if (wt2) short_rows(y0, pair ? y1 : y0, wt2, z + r * z_stride, pair ? z + (r + 1) * z_stride : NULL, k2, n2);
+    }
+    return 0;
+}
+#undef THIN_MAX
+
 /* GELU over n floats, y = GELU(x) (y may be x), or with g its gradient: y = g * GELU'(x). */
 void arena_gelu(const float *x, const float *g, float *y, long n, int threads) {
     const long blocks = (n + W - 1) / W;
