@@ -105,7 +105,8 @@ class SqueezeExcite(nn.Module):
     def gate(self, x: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """The per-image channel gate [B, C] of ``x`` [B, C, H, W] (the 1x1 convs as Linear on the pooled vector),
         from ``pooled``, x's mean over H and W, where the caller has it."""
-        s = F.relu(F.linear(x.mean((2, 3)) if pooled is None else pooled, self.down.weight.flatten(1), self.down.bias))
+        pooled = x.mean((2, 3)) if pooled is None else pooled
+        s = F.relu(F.linear(pooled, self.down.weight.flatten(1), self.down.bias))
         return torch.sigmoid(F.linear(s, self.up.weight.flatten(1), self.up.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -297,11 +298,10 @@ class UniRepLKNetBlock(nn.Module):
         pass (on AVX2 MKL's GEMM is 5-15% faster, and the compiled GELU 1.6x ATen's)."""
         w, bias, approximate = self.pwconv1.weight, self.pwconv1.bias, self.act.approximate
         lib = scan_cpu.kernel()
-
         compiled = lib is not None and approximate == "none"  # the compiled GELU is the exact one
 
         def grn_(hidden: torch.Tensor, gelu: bool) -> torch.Tensor:
-            if lib is not None and not (gelu and not compiled):
+            if lib is not None and (compiled or not gelu):
                 return scan_cpu.grn_(lib, hidden, self.grn.gamma, gelu=gelu)
             if gelu:
                 hidden = torch.ops.aten.gelu_(hidden, approximate=approximate)
@@ -310,8 +310,8 @@ class UniRepLKNetBlock(nn.Module):
         runs = {"onednn fused": lambda: grn_(_ONEDNN_LINEAR(rows, w, bias, "gelu", [], approximate), False),
                 "onednn": lambda: grn_(_ONEDNN_LINEAR(rows, w, bias, "none", [], ""), True),
                 # MKL's GEMM copies a bias into its whole output first: the compiled GRN pass adds it instead
-                "mkl": (lambda: scan_cpu.grn_(lib, F.linear(rows, w), self.grn.gamma, bias=bias, gelu=True)) if compiled
-                else lambda: grn_(F.linear(rows, w, bias), True)}
+                "mkl": ((lambda: scan_cpu.grn_(lib, F.linear(rows, w), self.grn.gamma, bias=bias, gelu=True))
+                        if compiled else lambda: grn_(F.linear(rows, w, bias), True))}
         key = ("pwconv1_gelu_grn", autotune.bucket(rows.numel() // rows.shape[-1]), tuple(w.shape), approximate,
                rows.dtype, lib is not None)
         return runs[autotune.fastest(key, runs, default="onednn fused")]()
@@ -326,7 +326,8 @@ class UniRepLKNetBlock(nn.Module):
         else:
             # MKL's: the residual plus the bias in one pass into rows, the GEMM accumulating into them
             runs = {"onednn": lambda: _ONEDNN_LINEAR.binary(hidden, residual, w, bias, "add"),
-                    "mkl": lambda: torch.add(residual, bias, out=hidden.new_empty(residual.shape)).addmm_(hidden, w.t())}
+                    "mkl": lambda: torch.add(residual, bias, out=hidden.new_empty(residual.shape)).addmm_(
+                        hidden, w.t())}
         key = ("pwconv2", autotune.bucket(hidden.shape[0]), tuple(w.shape), residual is None, hidden.dtype)
         return runs[autotune.fastest(key, runs, default="onednn")]()
 
@@ -334,9 +335,10 @@ class UniRepLKNetBlock(nn.Module):
     def forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """The eval-mode block on CPU, output channels-last: pixels are the GEMM rows of the whole batch
         (one GEMM per 1x1 conv, not one per image); GELU runs inside oneDNN's GEMM or the compiled GRN's
-        first pass, in deploy form the residual add inside oneDNN's GEMM or after MKL's, the depthwise conv
-        in NCHW or channels-last: whichever is measured
-        fastest for the shape on this CPU (``autotune``). SE's gate multiplies its output into channels-last rows."""
+        first pass, in deploy form the residual add inside oneDNN's GEMM or with MKL's, the depthwise conv
+        in NCHW, channels-last or by the compiled kernel (which also pools its output for SE): whichever is
+        measured fastest for the shape on this CPU (``autotune``). SE's gate multiplies the conv's output
+        into channels-last rows."""
         b, c, h, w = x.shape
         if self.deploy:  # the compiled depthwise conv, where it is the pick, also pools its output for SE
             y, pooled = self.dwconv.lk_origin.forward_pooled(x)

@@ -36,7 +36,8 @@ def test_picks_the_best_time_and_keeps_it(clock) -> None:
     clock.times = {"a": [1.0, 3.0, 3.0, 3.0], "b": [2.0, 1.5, 1.5, 2.5]}  # a's first call is not its best
     assert autotune.fastest("k", runs("a", "b"), default="a") == "a"
     # the first round, then rounds in alternating order (no candidate always runs after the other)
-    assert clock.calls == ["a", "b"] + sum((["b", "a"] if i % 2 == 0 else ["a", "b"] for i in range(autotune.ROUNDS)), [])
+    rounds = [["b", "a"] if i % 2 == 0 else ["a", "b"] for i in range(autotune.ROUNDS)]
+    assert clock.calls == ["a", "b"] + sum(rounds, [])
     clock.times = {"a": [9.0], "b": [1.0]}
     assert autotune.fastest("k", runs("a", "b"), default="a") == "a"  # kept: not timed again
     assert len(clock.calls) == 2 * (1 + autotune.ROUNDS)

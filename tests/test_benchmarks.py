@@ -62,3 +62,17 @@ def test_vmamba_training_parts_prints_every_stage_and_conv():
     for row in rows:
         *times, speed_up = row.split()[-3:]
         assert all(float(t) > 0 for t in times) and float(speed_up.rstrip("x")) > 0
+
+
+def test_large_kernel_conv_times_every_strategy_and_the_pick():
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "large_kernel_conv.py"), "--kernels", "13",
+                          "--batch", "1", "--repeats", "1", "--threads", "1"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split() for line in run.stdout.splitlines() if line.split()[:1] == ["13"]]
+    assert [r[1] for r in rows] == ["128", "256", "512", "1024"]
+    header = run.stdout.splitlines()[1].split()
+    strategies = header[3:header.index("x")]  # ms columns, then "x <strategy>" ratios
+    assert strategies[:3] == ["plain", "channels_last", "fft"]
+    assert all(r[-2] in strategies and r[-1] in strategies for r in rows)  # fastest, picked
+    assert "picked strategy fastest (or within 10%) in" in run.stdout

@@ -55,8 +55,9 @@ def fastest(key: Hashable, runs: dict[str, Callable[[], object]], default: str) 
 
     Each runs once, round-robin; unless one took ``CLEAR_MARGIN`` times another's time, ``ROUNDS`` more
     rounds follow, in reverse order every other round (a candidate run right after another finds the
-    operands it shares in cache: the order must not favour one), and the best time of each counts. ``default`` (a key of ``runs``) is returned untimed
-    when tuning is off, while compiling, or inside a dispatch mode.
+    operands it shares in cache: the order must not favour one), and the best time of each counts.
+    ``default`` (a key of ``runs``) is returned untimed when tuning is off, while compiling, or inside a
+    dispatch mode.
     """
     if default not in runs:
         raise ValueError(f"default {default!r} is not one of the candidates {sorted(runs)}")

@@ -483,8 +483,9 @@ static void short_rows(const float *y0, const float *y1, const float *wt, float 
  * Returns 0, or 1 when n is wider than THIN_MAX vectors or k2 exceeds n. */
 int arena_thin_matmul(const float *x, long x_stride, const float *wt, float *y, long y_stride, long rows, long k,
                       long n, const float *wt2, float *z, long z_stride, long k2, long n2, int threads) {
-    static void (*const kernels[THIN_MAX])(const float *, const float *, const float *, float *, float *, long, long) = {
-        thin_rows1, thin_rows2, thin_rows3, thin_rows4, thin_rows5, thin_rows6, thin_rows7, thin_rows8};
+    typedef void (*rows_kernel)(const float *, const float *, const float *, float *, float *, long, long);
+    static const rows_kernel kernels[THIN_MAX] = {thin_rows1, thin_rows2, thin_rows3, thin_rows4,
+                                                  thin_rows5, thin_rows6, thin_rows7, thin_rows8};
     const long nv = (n + W - 1) / W;
     if (n < 1 || nv > THIN_MAX || (wt2 && k2 > n)) return 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
