@@ -76,3 +76,16 @@ def test_large_kernel_conv_times_every_strategy_and_the_pick():
     assert strategies[:3] == ["plain", "channels_last", "fft"]
     assert all(r[-2] in strategies and r[-1] in strategies for r in rows)  # fastest, picked
     assert "picked strategy fastest (or within 10%) in" in run.stdout
+
+
+def test_inference_parts_prints_both_parts_with_their_peers():
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "inference_parts.py"), "--batch", "1",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    rows = {line.split(",")[0].split()[0]: line.split() for line in run.stdout.splitlines() if line.startswith("  ")}
+    assert set(rows) == {"197", "vim_tiny", "unireplknet_t"}
+    for name, row in rows.items():
+        peer = name != "197"  # the whole-model rows end with the timm peer's forward
+        before, after, speed_up = row[-4:-1] if peer else row[-3:]
+        assert float(before) > 0 and float(after) > 0 and speed_up.endswith("x") and float(speed_up[:-1]) > 0
+        assert not peer or float(row[-1]) > 0
