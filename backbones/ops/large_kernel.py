@@ -213,5 +213,5 @@ def center_pad(kernel: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(kernel, [pad] * 4)
 
 
-__all__ = ["STRATEGIES", "CPU_NCHW_MAX_KERNEL", "tuned_strategy",
+__all__ = ["STRATEGIES", "CPU_NCHW_MAX_KERNEL", "conv_taps", "tuned_strategy",
            "depthwise_conv2d", "DepthwiseConv2d", "pop_bn", "pop_conv_bn", "dilate_kernel", "center_pad"]
