@@ -121,19 +121,25 @@ def test_tuned_strategy_times_the_candidates_once_per_shape(monkeypatch, fastest
 
 
 @pytest.mark.skipif(scan_cpu.kernel() is None, reason="needs the compiled CPU kernels (a C compiler)")
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", [(1, 80, 56, 56, 3), (2, 16, 14, 15, 13), (1, 24, 7, 7, 13), (3, 13, 9, 11, 5),
                                    (1, 8, 5, 6, 31), (2, 40, 10, 10, 1)])
-def test_compiled_depthwise_conv_matches_pytorch_and_pools(shape: tuple[int, ...]) -> None:
+def test_compiled_depthwise_conv_matches_pytorch_and_pools(shape: tuple[int, ...], threads: int) -> None:
     """Odd channel counts (a partial vector), maps narrower than the kernel, rows that are not a whole number
-    of 8-pixel tiles; the pooled mean of forward_pooled equals the output's mean."""
+    of 8-pixel tiles, one or two threads; the pooled mean of forward_pooled equals the output's mean."""
     b, c, h, w, k = shape
     torch.manual_seed(0)
     m = DepthwiseConv2d(c, k, bias=True, strategy="compiled")
     x = torch.randn(b, c, h, w)
     ref = F.conv2d(x, m.weight, m.bias, padding=k // 2, groups=c)
-    with torch.no_grad():
-        y, pooled = m.forward_pooled(x)
-        y_nchw_in = m(x.contiguous())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            y, pooled = m.forward_pooled(x)
+            y_nchw_in = m(x.contiguous())
+    finally:
+        torch.set_num_threads(before)
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y_nchw_in, ref, rtol=1e-5, atol=1e-5)
