@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from torch import nn
 from torch.utils import flop_counter
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._features import Backbone, FeatureInfo, pretrained_cfg_for
 from ._registry import register_backbone
@@ -86,7 +85,7 @@ def packed_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     7.4 MB at UniRepLKNet-T's last downsample (there 2.1 against 3.0 ms NCHW or 6.0 ms channels-last at
     batch 1, Zen 3). ``conv(x)`` itself where oneDNN is absent, inside a dispatch mode (FLOP counting)
     or while compiling."""
-    if _ONEDNN_CONV is None or _get_current_dispatch_mode() is not None or torch.compiler.is_compiling():
+    if _ONEDNN_CONV is None or autotune.intercepted():
         return conv(x)
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     weight = derived(conv, "packed", (conv.weight,), lambda: torch._C._nn.mkldnn_reorder_conv2d_weight(

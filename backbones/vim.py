@@ -263,7 +263,7 @@ class BiMamba(nn.Module):
                 taps = conv.weight[:, 0].float()
                 taps = (taps if suffix == "" else taps.flip(-1)).t().contiguous().t()
                 A = (-torch.exp(A_log.float())).t().contiguous().t()
-                thin = x_proj.out_features <= scan_cpu.THIN_VECTORS * scan_cpu.block_width(lib)
+                thin = scan_cpu.thin_fits(lib, x_proj.out_features)
                 return (taps, conv.bias.float().contiguous(), A, D.float().contiguous(),
                         dt_proj.bias.float().contiguous(), scan_cpu.thin_weight(lib, x_proj.weight) if thin else None,
                         dt_proj.weight.float().t().contiguous())

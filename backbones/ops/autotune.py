@@ -38,6 +38,12 @@ def enabled() -> bool:
     return value == "1" and not torch.are_deterministic_algorithms_enabled()
 
 
+def intercepted() -> bool:
+    """Whether ops are being traced or intercepted (compiling, a dispatch mode: FLOP counting, fake tensors):
+    nothing is timed then, and a call into a compiled library would bypass what is watching."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
 def bucket(n: int) -> int:
     """``n`` rounded up to a power of two: sizes in keys, so that inputs of varying size (detection,
     multi-scale training) share picks instead of timing every new size."""
@@ -61,7 +67,7 @@ def fastest(key: Hashable, runs: dict[str, Callable[[], object]], default: str) 
     """
     if default not in runs:
         raise ValueError(f"default {default!r} is not one of the candidates {sorted(runs)}")
-    if not enabled() or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    if not enabled() or intercepted():
         return default
     key = (key, torch.get_num_threads())
     if key not in _PICKS:
@@ -87,4 +93,4 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return runs[fastest(key, runs, default="direct")]()
 
 
-__all__ = ["CLEAR_MARGIN", "ROUNDS", "bucket", "enabled", "fastest", "matmul"]
+__all__ = ["CLEAR_MARGIN", "ROUNDS", "bucket", "enabled", "fastest", "intercepted", "matmul"]

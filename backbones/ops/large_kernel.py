@@ -29,7 +29,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import autotune, scan_cpu
 from .derived import derived
@@ -40,18 +39,12 @@ STRATEGIES = ("plain", "channels_last", "fft", "compiled")
 CPU_NCHW_MAX_KERNEL = 13
 
 
-def _intercepted() -> bool:
-    """Whether ops are being traced or intercepted (compiling, a dispatch mode: FLOP counting, fake tensors),
-    which a call into the compiled library would bypass."""
-    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-
-
 def _compiled_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      dilation: int) -> ctypes.CDLL | None:
     """The compiled library when the 'compiled' strategy can run this conv: an fp32 CPU map, no dilation, no
-    gradient to compute (it has no backward), nothing tracing the ops (``_intercepted``); else None."""
+    gradient to compute (it has no backward), nothing tracing the ops (``autotune.intercepted``); else None."""
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if grad or dilation != 1 or weight.dtype != torch.float32 or _intercepted():
+    if grad or dilation != 1 or weight.dtype != torch.float32 or autotune.intercepted():
         return None
     return scan_cpu.kernel_for(x)
 
@@ -67,11 +60,15 @@ def tuned_strategy(x: torch.Tensor, weight: torch.Tensor, dilation: int = 1, bia
     ``autotune.fastest`` on the first call of each shape (batch and pixel count rounded up to powers of
     two). Kernels above ``CPU_NCHW_MAX_KERNEL`` are not timed in NCHW; 'plain' is the default where
     nothing is timed ('channels_last' above that size)."""
+    return _tuned(x, weight, dilation, _compiled_kernel(x, weight, bias, dilation))
+
+
+def _tuned(x: torch.Tensor, weight: torch.Tensor, dilation: int, lib: ctypes.CDLL | None) -> str:
+    """``tuned_strategy`` with the compiled library ``lib`` a candidate where not None."""
     xd, wd = x.detach(), weight.detach()
     runs = {s: (lambda s=s: _layout_conv(xd, wd, None, dilation, s)) for s in ("plain", "channels_last")}
     if weight.shape[-1] > CPU_NCHW_MAX_KERNEL:
         del runs["plain"]
-    lib = _compiled_kernel(x, weight, bias, dilation)
     if lib is not None:
         taps = conv_taps(weight)
         runs["compiled"] = lambda s="compiled": scan_cpu.depthwise_conv(
@@ -112,10 +109,11 @@ def _depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                taps: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The conv by ``strategy`` (see ``depthwise_conv2d``) and, from the compiled kernel, each image's
     per-channel sums of it [B, C] (else None); ``taps()`` gives the weight in the compiled kernel's layout."""
+    if strategy is None and x.device.type != "cpu":
+        return _same_conv(x, weight, bias, dilation), None
+    lib = _compiled_kernel(x, weight, bias, dilation) if strategy in (None, "compiled") else None
     if strategy is None:
-        if x.device.type != "cpu":
-            return _same_conv(x, weight, bias, dilation), None
-        strategy = tuned_strategy(x, weight, dilation, bias)
+        strategy = _tuned(x, weight, dilation, lib)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES} or None, got {strategy!r}")
     if strategy == "fft":
@@ -123,10 +121,9 @@ def _depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             raise ValueError(f"the fft strategy takes dilation=1 only, got dilation={dilation}")
         return _fft_depthwise(x, weight, bias), None
     if strategy == "compiled":
-        lib = _compiled_kernel(x, weight, bias, dilation)
         if lib is not None:
             return scan_cpu.depthwise_conv(lib, x.contiguous(memory_format=torch.channels_last), taps(), bias)
-        if not _intercepted():
+        if not autotune.intercepted():
             raise ValueError("the compiled strategy computes fp32 CPU convs without dilation and without autograd "
                              "(inference: under torch.no_grad()), with the compiled kernel built (a C compiler, "
                              "ARENA_SCAN_KERNEL not 'torch'); pick another strategy or None")

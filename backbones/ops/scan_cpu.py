@@ -275,11 +275,16 @@ def block_width(lib: ctypes.CDLL) -> int:
     return lib.arena_block_width()
 
 
+def thin_fits(lib: ctypes.CDLL, n: int) -> bool:
+    """Whether ``thin_matmul`` computes outputs ``n`` wide on this build (at most ``THIN_VECTORS`` vectors)."""
+    return n <= THIN_VECTORS * block_width(lib)
+
+
 def thin_weight(lib: ctypes.CDLL, weight: Tensor) -> Tensor:
     """A Linear ``weight`` [n, k] as ``thin_matmul`` reads it: transposed, zero-padded to whole vectors [k, n']."""
     n, k = weight.shape
     w = block_width(lib)
-    if n > THIN_VECTORS * w:
+    if not thin_fits(lib, n):
         raise ValueError(f"thin_matmul computes outputs up to {THIN_VECTORS * w} wide, got a weight of {n} rows")
     wt = weight.new_zeros(k, -(-n // w) * w, dtype=torch.float32)
     wt[:, :n] = weight.detach().t()
