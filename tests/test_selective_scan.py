@@ -72,6 +72,27 @@ def test_matches_reference(b, d, l, n, groups, gate):
         assert _rel(g[k], g_ref[k]) < 1e-4, k
 
 
+@pytest.mark.parametrize("b,d,l,n,groups,threads", [
+    (1, 282, 37, 1, 2, 1),    # groups of 141 channels: two full wide blocks and one of 13 (a vector and 5 lanes)
+    (2, 128, 50, 2, 0, 2),    # d_state 2, two full wide blocks, split over two threads
+    (1, 64, 1400, 1, 4, 2),   # a long sequence: wide forward, narrow backward; more threads than blocks
+])
+def test_wide_blocks_match_reference(b, d, l, n, groups, threads, scan_kernel):
+    """With one or two states the kernels walk 8 vectors of channels per block (VMamba's shapes): full and
+    partial blocks, forward and backward, against the sequential reference."""
+    inputs = _inputs(b, d, l, n, groups=groups, seed=d)
+    y_ref, g_ref = _run(selective_scan_ref, inputs)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, g = _run(selective_scan, inputs)
+    finally:
+        torch.set_num_threads(before)
+    assert _rel(y, y_ref) < 1e-5
+    for k in g_ref:
+        assert _rel(g[k], g_ref[k]) < 1e-4, k
+
+
 @pytest.mark.parametrize("absent", [("D", "delta_bias", "z"), ("z",), ("D",)])
 def test_optional_inputs_and_no_softplus(absent):
     inputs = _inputs(2, 20, 41, 3, seed=3)

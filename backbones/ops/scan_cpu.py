@@ -4,7 +4,7 @@ The pure-PyTorch scan streams ``[tokens, channels, d_state]`` tensors through me
 passes each; this kernel keeps the state of 16 channels in vector registers and makes one pass
 over the inputs, computing each decay ``exp(dt * A)`` on the fly; its gradient (``scan_backward``)
 recomputes the states a segment at a time and walks them backwards. It needs only a C compiler
-(``$CC``, else ``cc``), no PyTorch headers: it is built in about a second into
+(``$CC``, else ``cc``), no PyTorch headers: it is built in a few seconds into
 ``$XDG_CACHE_HOME/backbone-arena`` (``~/.cache`` by default), keyed by its source, flags and
 the CPU (``-march=native``), and loaded with ``ctypes``. Without a compiler, or with
 ``ARENA_SCAN_KERNEL=torch``, ``kernel()`` is None and the scan stays pure PyTorch.

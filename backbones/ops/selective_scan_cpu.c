@@ -37,6 +37,7 @@ static inline int omp_get_thread_num(void) { return 0; }
  * come on top; counting them too would split VMamba's stage-1 sequences (3,136 tokens, d_state 1) in
  * two segments and add a first pass: 30 -> 44 ms per backward at batch 8 (Zen 3). */
 #define SEG_BYTES (512 * 1024)
+#define WIDE_BYTES (2048 * 1024)
 
 /* GCC/Clang vector extensions: the compiler maps them onto the machine's vector width. */
 typedef float vf __attribute__((vector_size(4 * W)));
@@ -100,17 +101,14 @@ static inline vf vexp(vf x) { return vexp2(x * LOG2E); }
 static inline vf vexp_neg_abs(vf x) { return vexp((vf)((vi)x | INT32_MIN)); }
 
 /* softplus(x) = max(x, 0) + log1p(e) with e = exp(-|x|), log1p(e) = e * P(e) on [0, 1] by a degree-8
- * polynomial fitted for relative error (3e-8): no logarithm and no division. */
+ * polynomial fitted for relative error (3e-8): no logarithm and no division. Estrin's scheme (four
+ * dependent steps, against Horner's nine FMAs): the softplus of every token starts the scan's chain,
+ * and with one state (VMamba) Horner's chain held the core to a few tokens in flight. */
 static inline vf vsoftplus_e(vf x, vf e) {
-    vf p = (vf){0} + 5.2326930648e-03f;
-    p = p * e - 2.9505233918e-02f;
-    p = p * e + 7.8225943791e-02f;
-    p = p * e - 1.3663245083e-01f;
-    p = p * e + 1.9106006404e-01f;
-    p = p * e - 2.4842982113e-01f;
-    p = p * e + 3.3319096792e-01f;
-    p = p * e - 4.9999493139e-01f;
-    p = p * e + 9.9999996988e-01f;
+    const vf e2 = e * e, e4 = e2 * e2;
+    const vf p01 = e * -4.9999493139e-01f + 9.9999996988e-01f, p23 = e * -2.4842982113e-01f + 3.3319096792e-01f;
+    const vf p45 = e * -1.3663245083e-01f + 1.9106006404e-01f, p67 = e * -2.9505233918e-02f + 7.8225943791e-02f;
+    const vf p = ((e2 * 5.2326930648e-03f + p67) * e2 + p45) * e4 + (p23 * e2 + p01);
     return blend(x > 0.0f, x, (vf){0}) + e * p;
 }
 
@@ -219,9 +217,13 @@ static inline vf vgelu_grad(vf x) {
 
 /* w <= W floats from p into a vector (zeros after them), and back. */
 static inline vf load(const float *p, long w) {
-    vf v = {0};
-    if (w == W) memcpy(&v, p, sizeof v);
-    else for (long j = 0; j < w; j++) v[j] = p[j];
+    vf v;
+    if (w == W) {
+        memcpy(&v, p, sizeof v);
+        return v;
+    }
+    v = (vf){0};
+    for (long j = 0; j < w; j++) v[j] = p[j];
     return v;
 }
 
@@ -239,54 +241,105 @@ static inline vf step(const float *delta, vf bias, int softplus, long w) {
 /* Token strides of one block's tensors (in floats). */
 struct strides { long u, dt, z, b, c, y; };
 
-/* One block of w <= W channels over the whole sequence; pointers are at (t = 0, first channel).
+/* Vectors of channels a block of the scan and of its gradient walks together. With few states
+ * (VMamba's one) a vector's work per token is short and its W floats sit a whole token row from the
+ * previous token's (a grouped route: 3 KB at VMamba-T's first stage, a new page per token, where
+ * the hardware prefetchers stop): VMAX vectors share each token's cache lines and pages and give
+ * the core VMAX independent recurrences. With more states one vector's fill the registers. */
+#define VMAX 8
+static inline long block_vectors(long nstate) { return nstate <= 2 ? VMAX : 1; }
+
+/* Tokens ahead that the forward prefetches its inputs and outputs: consecutive tokens of a block sit
+ * a token row apart (VMamba's grouped routes: 3-6 KB, a new page per token, where the hardware
+ * prefetchers stop), and a token's work is too short to hide a miss to memory (1.6-2.1x at VMamba-T's
+ * shapes with wide blocks; its gradient, whose walk waits on its own chains, gained nothing). */
+#define AHEAD 4
+static inline void prefetch_vectors(const float *p, long nvb, int write) {
+    for (long v = 0; v < nvb; v++) {
+        if (write) __builtin_prefetch(p + v * W, 1);
+        else __builtin_prefetch(p + v * W, 0);
+    }
+}
+
+/* The width of vector v of a block of cw channels. */
+static inline long vec_width(long cw, long v) { return cw - v * W < W ? cw - v * W : W; }
+
+/* One block of cw <= nv * W channels over the whole sequence; pointers are at (t = 0, first channel).
  * Token t sits at (t / inner) * outer strides + (t % inner) * inner strides: a route through a 2D
  * grid (rows, or columns) is read in place; a plain sequence has one outer step of len tokens.
  * CHUNK tokens at a time in three passes: their steps dt (softplus) and dt * u, then the recurrence,
  * then D * u, the gate and the store. A token's softplus, decay and gate are one chain of dependent
- * operations over 100 cycles long; with few states (VMamba's one) a token's work is short, and in
- * one pass the core overlapped only the few tokens its reorder window held. */
+ * operations over 100 cycles long; with few states a token's work is short, and in one pass the
+ * core overlapped only the few tokens its reorder window held; a wide block (nv > 1) has nv
+ * independent vectors in each token and takes one token at a time (1.1-1.2x faster than 4 or 32 at
+ * VMamba-T's shapes). Per-vector values are indexed [token or state][vector]; nv, full (cw == nv * W)
+ * and, for wide blocks, nstate are constants at each call (the function is inlined). */
 #define CHUNK 32
-static void scan_block(const float *u, const float *dt, const float *z, const float *B, const float *C,
-                       const float *At, const float *D, const float *bias, float *y, float *h, struct strides so,
-                       struct strides si, long outer, long inner, long dim, long nstate, int softplus,
-                       int accumulate, long w) {
-    vf a2[NMAX], hs[NMAX];  /* a2: A in base 2, so each decay is one vexp2 */
-    for (long s = 0; s < nstate; s++) {
-        a2[s] = load(At + s * dim, w) * LOG2E;
-        hs[s] = load(h + s * dim, w);
+static inline __attribute__((always_inline)) void
+scan_block(const float *u, const float *dt, const float *z, const float *B, const float *C, const float *At,
+           const float *D, const float *bias, float *y, float *h, struct strides so, struct strides si, long outer,
+           long inner, long dim, long nstate, int softplus, int accumulate, long cw, const long nv,
+           const int full) {
+    const long nvb = (cw + W - 1) / W;
+    vf a2[NMAX], hs[NMAX], Dv[VMAX], bv[VMAX];  /* a2: A in base 2, so each decay is one vexp2 */
+    for (long v = 0; v < nvb; v++) {
+        const long w = (full ? W : vec_width(cw, v));
+        for (long s = 0; s < nstate; s++) {
+            a2[s * nv + v] = load(At + s * dim + v * W, w) * LOG2E;
+            hs[s * nv + v] = load(h + s * dim + v * W, w);
+        }
+        Dv[v] = D ? load(D + v * W, w) : (vf){0};
+        bv[v] = bias ? load(bias + v * W, w) : (vf){0};
     }
-    const vf Dv = D ? load(D, w) : (vf){0}, bv = bias ? load(bias, w) : (vf){0};
+    const long chunk = nv > 1 ? 1 : CHUNK;
     vf ds[CHUNK], dus[CHUNK], ys[CHUNK];
     for (long o = 0; o < outer; o++)
-        for (long t0 = 0; t0 < inner; t0 += CHUNK) {
-            const long n = inner - t0 < CHUNK ? inner - t0 : CHUNK;
-#define AT(p, x) ((p) + o * so.x + (t0 + i) * si.x)
+        for (long t0 = 0; t0 < inner; t0 += chunk) {
+            const long n = inner - t0 < chunk ? inner - t0 : chunk;
+#define TOKEN(p, x) ((p) + o * so.x + (t0 + i) * si.x)
+#define AT(p, x) (TOKEN(p, x) + v * W)
             for (long i = 0; i < n; i++) {
-                ds[i] = step(AT(dt, dt), bv, softplus, w);
-                dus[i] = ds[i] * load(AT(u, u), w);
-            }
-            for (long i = 0; i < n; i++) {
-                const float *Bt = AT(B, b), *Ct = AT(C, c);
-                vf acc = {0};
-                for (long s = 0; s < nstate; s++) {
-                    hs[s] = vexp2(ds[i] * a2[s]) * hs[s] + dus[i] * Bt[s];
-                    acc += Ct[s] * hs[s];
+                if (t0 + i + AHEAD < inner) {
+                    const long ahead = o * so.u + (t0 + i + AHEAD) * si.u, ahead_dt = o * so.dt + (t0 + i + AHEAD) * si.dt;
+                    prefetch_vectors(u + ahead, nvb, 0);
+                    prefetch_vectors(dt + ahead_dt, nvb, 0);
+                    prefetch_vectors(y + o * so.y + (t0 + i + AHEAD) * si.y, nvb, !accumulate);
+                    if (z) prefetch_vectors(z + o * so.z + (t0 + i + AHEAD) * si.z, nvb, 0);
                 }
-                ys[i] = acc;
+                for (long v = 0; v < nvb; v++) {
+                    const long w = (full ? W : vec_width(cw, v));
+                    ds[i * nv + v] = step(AT(dt, dt), bv[v], softplus, w);
+                    dus[i * nv + v] = ds[i * nv + v] * load(AT(u, u), w);
+                }
             }
             for (long i = 0; i < n; i++) {
-                vf acc = Dv * load(AT(u, u), w) + ys[i];  /* u read again rather than kept in a fourth buffer */
-                if (accumulate) acc += load(AT(y, y), w);
-                if (z) {
-                    const vf zt = load(AT(z, z), w);
-                    acc *= zt * sigmoid(zt);
+                const float *Bt = TOKEN(B, b), *Ct = TOKEN(C, c);
+                for (long v = 0; v < nvb; v++) {
+                    vf acc = {0};
+                    for (long s = 0; s < nstate; s++) {
+                        const long k = s * nv + v;
+                        hs[k] = vexp2(ds[i * nv + v] * a2[k]) * hs[k] + dus[i * nv + v] * Bt[s];
+                        acc += Ct[s] * hs[k];
+                    }
+                    ys[i * nv + v] = acc;
                 }
-                store(AT(y, y), acc, w);
             }
+            for (long i = 0; i < n; i++)
+                for (long v = 0; v < nvb; v++) {
+                    const long w = (full ? W : vec_width(cw, v));
+                    vf acc = Dv[v] * load(AT(u, u), w) + ys[i * nv + v];  /* u read again, not kept in a fourth buffer */
+                    if (accumulate) acc += load(AT(y, y), w);
+                    if (z) {
+                        const vf zt = load(AT(z, z), w);
+                        acc *= zt * sigmoid(zt);
+                    }
+                    store(AT(y, y), acc, w);
+                }
 #undef AT
+#undef TOKEN
         }
-    for (long s = 0; s < nstate; s++) store(h + s * dim, hs[s], w);
+    for (long v = 0; v < nvb; v++)
+        for (long s = 0; s < nstate; s++) store(h + s * dim + v * W, hs[s * nv + v], (full ? W : vec_width(cw, v)));
 }
 
 /* arena_selective_scan over a 2D grid of tokens read in place: token t of the sequence is at
@@ -298,17 +351,24 @@ int arena_selective_scan_grid(const float *u, const float *dt, const float *z, c
                               const long *strides, long batch, long outer, long inner, long dim, long nstate,
                               long groups, int softplus, int accumulate, int threads) {
     if (nstate > NMAX || groups <= 0 || dim % groups) return 1;
-    const long dg = dim / groups, per_group = (dg + W - 1) / W, blocks = batch * groups * per_group;
+    const long nv = block_vectors(nstate), dg = dim / groups, per_group = (dg + nv * W - 1) / (nv * W);
+    const long blocks = batch * groups * per_group;
     const struct strides so = {strides[1], strides[4], strides[7], strides[10], strides[13], strides[16]};
     const struct strides si = {strides[2], strides[5], strides[8], strides[11], strides[14], strides[17]};
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long i = 0; i < blocks; i++) {
         const long b = i / (groups * per_group), g = (i / per_group) % groups, k = i % per_group;
-        const long c0 = g * dg + k * W, w = dg - k * W < W ? dg - k * W : W;
-        scan_block(u + b * strides[0] + c0, dt + b * strides[3] + c0, z ? z + b * strides[6] + c0 : NULL,
-                   B + b * strides[9] + g * nstate, C + b * strides[12] + g * nstate, At + c0, D ? D + c0 : NULL,
-                   bias ? bias + c0 : NULL, y + b * strides[15] + c0,
-                   h + b * nstate * dim + c0, so, si, outer, inner, dim, nstate, softplus, accumulate, w);
+        const long c0 = g * dg + k * nv * W, cw = dg - k * nv * W < nv * W ? dg - k * nv * W : nv * W;
+#define SCAN_BLOCK(NV, FULL, NS)                                                                                   \
+        scan_block(u + b * strides[0] + c0, dt + b * strides[3] + c0, z ? z + b * strides[6] + c0 : NULL,      \
+                   B + b * strides[9] + g * nstate, C + b * strides[12] + g * nstate, At + c0, D ? D + c0 : NULL, \
+                   bias ? bias + c0 : NULL, y + b * strides[15] + c0, h + b * nstate * dim + c0, so, si, outer,  \
+                   inner, dim, NS, softplus, accumulate, cw, NV, FULL)
+        if (nv == 1 && cw == W) SCAN_BLOCK(1, 1, nstate);
+        else if (nv == 1) SCAN_BLOCK(1, 0, nstate);
+        else if (cw == VMAX * W && nstate == 1) SCAN_BLOCK(VMAX, 1, 1);  /* VMamba's: all constants */
+        else SCAN_BLOCK(VMAX, 0, nstate);
+#undef SCAN_BLOCK
     }
     return 0;
 }
@@ -738,7 +798,7 @@ void arena_token_conv_wgrad(const float *x, long batch_stride, long token_stride
 /* Token strides of the gradient's tensors (in floats): its inputs, then the gradients it writes. */
 struct bwd_strides { long u, dt, z, b, c, dy, du, ddt, dz, dbc; };
 
-/* The gradient of one block of w <= W channels, by reverse-mode through the recurrence:
+/* The gradient of one block of cw <= nv * W channels, by reverse-mode through the recurrence:
  *   dh_t = C_t * g_t + exp(dt_{t+1} A) * dh_{t+1}       (g: the gradient of y before the gate)
  *   dA += dh_t * dt_t * exp(dt_t A) * h_{t-1}        ddt_t = sum_n dh_t * (A exp(dt_t A) h_{t-1} + u_t B_t)
  *   du_t = sum_n dh_t * dt_t * B_t + g_t * D         dB_t = sum_d dh_t * dt_t * u_t,  dC_t = sum_d g_t * h_t
@@ -746,94 +806,114 @@ struct bwd_strides { long u, dt, z, b, c, dy, du, ddt, dz, dbc; };
  * to the first, the segment's states and decays are recomputed into `work` and walked backwards. The terms
  * of dB and dC are added lane by lane into lanes_b and lanes_c [len, nstate] (vectors): the caller sums
  * the lanes once after all of a run's blocks, not every block at every step; dA, dD and dbias are this
- * block's sums over tokens. t counts the
- * scan's steps; st says where step t of each tensor is. */
-static void scan_block_bwd(const float *u, const float *dt, const float *z, const float *B, const float *C,
-                           const float *At, const float *D, const float *bias, const float *dy,
-                           float *du, float *ddt, float *dz, float *dA, float *dD, float *dbias,
-                           struct bwd_strides st, long len, long dim, long nstate, long seg_len,
-                           int softplus, long w, vf *work, vf *lanes_b, vf *lanes_c) {
-    const long nseg = (len + seg_len - 1) / seg_len;
-    vf *entering = work, *hs = work + nseg * nstate, *es = hs + seg_len * nstate, *dts = es + seg_len * nstate;
-    vf *gzs = dts + seg_len, *dzs = gzs + seg_len, *sps = dzs + seg_len;  /* per-token factors, see below */
-    vf a[NMAX], a2[NMAX], h[NMAX], dh[NMAX], dAs[NMAX];
-    for (long s = 0; s < nstate; s++) {
-        a[s] = load(At + s * dim, w);
-        a2[s] = a[s] * LOG2E;
-        h[s] = dh[s] = dAs[s] = (vf){0};
+ * block's sums over tokens. t counts the scan's steps; st says where step t of each tensor is. Per-vector
+ * values are indexed [token][state][vector] (m = nstate * nv per token); nv and full (cw == nv * W) are
+ * constants at each call, as in scan_block. */
+static inline __attribute__((always_inline)) void
+scan_block_bwd(const float *u, const float *dt, const float *z, const float *B, const float *C, const float *At,
+               const float *D, const float *bias, const float *dy, float *du, float *ddt, float *dz, float *dA,
+               float *dD, float *dbias, struct bwd_strides st, long len, long dim, long nstate, long seg_len,
+               int softplus, long cw, const long nv, const int full, vf *work, vf *lanes_b, vf *lanes_c) {
+    const long nseg = (len + seg_len - 1) / seg_len, m = nstate * nv, nvb = full ? nv : (cw + W - 1) / W;
+    vf *entering = work, *hs = work + nseg * m, *es = hs + seg_len * m, *dts = es + seg_len * m;
+    vf *gzs = dts + seg_len * nv, *dzs = gzs + seg_len * nv, *sps = dzs + seg_len * nv;  /* per-token factors */
+    vf a[NMAX], a2[NMAX], h[NMAX], dh[NMAX], dAs[NMAX], Dv[VMAX], bv[VMAX], dDs[VMAX], dbs[VMAX];
+#define WIDTH(v) (full ? W : vec_width(cw, v))
+    for (long v = 0; v < nvb; v++) {
+        for (long s = 0; s < nstate; s++) {
+            const long k = s * nv + v;
+            a[k] = load(At + s * dim + v * W, WIDTH(v));
+            a2[k] = a[k] * LOG2E;
+            h[k] = dh[k] = dAs[k] = (vf){0};
+        }
+        Dv[v] = D ? load(D + v * W, WIDTH(v)) : (vf){0};
+        bv[v] = bias ? load(bias + v * W, WIDTH(v)) : (vf){0};
+        dDs[v] = dbs[v] = (vf){0};
     }
-    const vf Dv = D ? load(D, w) : (vf){0}, bv = bias ? load(bias, w) : (vf){0};
     for (long t = 0; t < (nseg - 1) * seg_len; t++) {  /* the last segment's states are recomputed below */
-        if (t % seg_len == 0) memcpy(entering + (t / seg_len) * nstate, h, nstate * sizeof(vf));
-        const vf d = step(dt + t * st.dt, bv, softplus, w), du_ = d * load(u + t * st.u, w);
-        for (long s = 0; s < nstate; s++) h[s] = vexp2(d * a2[s]) * h[s] + du_ * B[t * st.b + s];
+        if (t % seg_len == 0) memcpy(entering + (t / seg_len) * m, h, m * sizeof(vf));
+        for (long v = 0; v < nvb; v++) {
+            const vf d = step(dt + t * st.dt + v * W, bv[v], softplus, WIDTH(v));
+            const vf du_ = d * load(u + t * st.u + v * W, WIDTH(v));
+            for (long s = 0; s < nstate; s++) h[s * nv + v] = vexp2(d * a2[s * nv + v]) * h[s * nv + v] + du_ * B[t * st.b + s];
+        }
     }
-    if (nseg) memcpy(entering + (nseg - 1) * nstate, h, nstate * sizeof(vf));
-    vf dDs = {0}, dbs = {0};
+    if (nseg) memcpy(entering + (nseg - 1) * m, h, m * sizeof(vf));
     for (long seg = nseg - 1; seg >= 0; seg--) {
         const long t0 = seg * seg_len, t1 = t0 + seg_len < len ? t0 + seg_len : len;
-        memcpy(h, entering + seg * nstate, nstate * sizeof(vf));
+        memcpy(h, entering + seg * m, m * sizeof(vf));
         /* The segment's per-token factors first, each token independent of the others (the core
          * overlaps their long chains of exp, log and division), then the recurrence and the walk back. */
         for (long t = t0; t < t1; t++) {
-            const long i = t - t0;
-            const vf x = load(dt + t * st.dt, w) + bv;
-            dts[i] = x;
-            if (softplus) {  /* softplus and its derivative, sigmoid, from one exponential */
-                const vf e = vexp_neg_abs(x), r = 1.0f / (1.0f + e);
-                dts[i] = vsoftplus_e(x, e);
-                sps[i] = blend(x > 0.0f, r, e * r);
-            }
-            if (z) {
-                const vf zt = load(z + t * st.z, w), sz = sigmoid(zt);
-                gzs[i] = zt * sz;                       /* silu(z), the gate */
-                dzs[i] = sz * (1.0f + zt * (1.0f - sz));  /* silu'(z) */
+            for (long v = 0; v < nvb; v++) {
+                const long j = (t - t0) * nv + v;
+                const vf x = load(dt + t * st.dt + v * W, WIDTH(v)) + bv[v];
+                dts[j] = x;
+                if (softplus) {  /* softplus and its derivative, sigmoid, from one exponential */
+                    const vf e = vexp_neg_abs(x), r = 1.0f / (1.0f + e);
+                    dts[j] = vsoftplus_e(x, e);
+                    sps[j] = blend(x > 0.0f, r, e * r);
+                }
+                if (z) {
+                    const vf zt = load(z + t * st.z + v * W, WIDTH(v)), sz = sigmoid(zt);
+                    gzs[j] = zt * sz;                       /* silu(z), the gate */
+                    dzs[j] = sz * (1.0f + zt * (1.0f - sz));  /* silu'(z) */
+                }
             }
         }
         for (long t = t0; t < t1; t++) {
-            const vf d = dts[t - t0], du_ = d * load(u + t * st.u, w);
-            for (long s = 0; s < nstate; s++) {
-                const long i = (t - t0) * nstate + s;
-                es[i] = vexp2(d * a2[s]);
-                hs[i] = h[s] = es[i] * h[s] + du_ * B[t * st.b + s];
+            for (long v = 0; v < nvb; v++) {
+                const vf d = dts[(t - t0) * nv + v], du_ = d * load(u + t * st.u + v * W, WIDTH(v));
+                for (long s = 0; s < nstate; s++) {
+                    const long k = s * nv + v, i = (t - t0) * m + k;
+                    es[i] = vexp2(d * a2[k]);
+                    hs[i] = h[k] = es[i] * h[k] + du_ * B[t * st.b + s];
+                }
             }
         }
         for (long t = t1 - 1; t >= t0; t--) {
-            const vf d = dts[t - t0], ut = load(u + t * st.u, w), du_ = d * ut;
-            const vf *ht = hs + (t - t0) * nstate, *et = es + (t - t0) * nstate;
-            const vf *hp = t > t0 ? ht - nstate : entering + seg * nstate;
+            const vf *ht = hs + (t - t0) * m, *et = es + (t - t0) * m;
+            const vf *hp = t > t0 ? ht - m : entering + seg * m;
             const float *Bt = B + t * st.b, *Ct = C + t * st.c;
             vf *lb = lanes_b + t * nstate, *lc = lanes_c + t * nstate;
-            vf g = load(dy + t * st.dy, w);
-            if (z) {
-                vf y = Dv * ut;
-                for (long s = 0; s < nstate; s++) y += Ct[s] * ht[s];
-                store(dz + t * st.dz, g * y * dzs[t - t0], w);
-                g *= gzs[t - t0];
+            for (long v = 0; v < nvb; v++) {
+                const long j = (t - t0) * nv + v, w = WIDTH(v);
+                const vf d = dts[j], ut = load(u + t * st.u + v * W, w), du_ = d * ut;
+                vf g = load(dy + t * st.dy + v * W, w);
+                if (z) {
+                    vf y = Dv[v] * ut;
+                    for (long s = 0; s < nstate; s++) y += Ct[s] * ht[s * nv + v];
+                    store(dz + t * st.dz + v * W, g * y * dzs[j], w);
+                    g *= gzs[j];
+                }
+                vf dd = {0}, q = {0};  /* q = sum_n dh_t B_t: shared by du_t (times dt_t) and ddt_t (times u_t) */
+                for (long s = 0; s < nstate; s++) {
+                    const long k = s * nv + v;
+                    dh[k] += Ct[s] * g;
+                    q += dh[k] * Bt[s];
+                    lb[s] += dh[k] * du_;
+                    lc[s] += g * ht[k];
+                    dh[k] *= et[k];  /* now dh_t exp(dt_t A), the part carried to step t - 1 */
+                    const vf dhe = dh[k] * hp[k];
+                    dAs[k] += dhe * d;
+                    dd += dhe * a[k];
+                }
+                const vf dx = g * Dv[v] + d * q;
+                dd += ut * q;
+                if (softplus) dd *= sps[j];
+                dDs[v] += g * ut;
+                dbs[v] += dd;
+                store(du + t * st.du + v * W, dx, w);
+                store(ddt + t * st.ddt + v * W, dd, w);
             }
-            vf dd = {0}, q = {0};  /* q = sum_n dh_t B_t: shared by du_t (times dt_t) and ddt_t (times u_t) */
-            for (long s = 0; s < nstate; s++) {
-                dh[s] += Ct[s] * g;
-                q += dh[s] * Bt[s];
-                lb[s] += dh[s] * du_;
-                lc[s] += g * ht[s];
-                dh[s] *= et[s];  /* now dh_t exp(dt_t A), the part carried to step t - 1 */
-                const vf dhe = dh[s] * hp[s];
-                dAs[s] += dhe * d;
-                dd += dhe * a[s];
-            }
-            const vf dx = g * Dv + d * q;
-            dd += ut * q;
-            if (softplus) dd *= sps[t - t0];
-            dDs += g * ut;
-            dbs += dd;
-            store(du + t * st.du, dx, w);
-            store(ddt + t * st.ddt, dd, w);
         }
     }
-    for (long s = 0; s < nstate; s++) store(dA + s * dim, dAs[s], w);
-    if (dD) store(dD, dDs, w);
-    if (dbias) store(dbias, dbs, w);
+    for (long v = 0; v < nvb; v++) {
+        for (long s = 0; s < nstate; s++) store(dA + s * dim + v * W, dAs[s * nv + v], WIDTH(v));
+        if (dD) store(dD + v * W, dDs[v], WIDTH(v));
+        if (dbias) store(dbias + v * W, dbs[v], WIDTH(v));
+    }
+#undef WIDTH
 }
 
 /* strides: batch and token strides (in floats) of u, delta, z, B, C, dy, du, ddelta, dz and of dB/dC
@@ -855,8 +935,13 @@ int arena_selective_scan_bwd(const float *u, const float *dt, const float *z, co
     if (parts < 1 || parts > per_group) return 1;
     /* segments as long as the buffer allows (a short sequence is one segment: no first pass), at least 32 tokens */
     const long max_seg = SEG_BYTES / (2 * nstate * (long)sizeof(vf)), seg_len = max_seg > 32 ? max_seg : 32;
+    /* wide blocks while a wide block's states, decays and factors stay within WIDE_BYTES: beyond, their
+     * misses cost more than the wide walk gains (VMamba-T's first stage: 4.8 MB, 0.85x) */
+    const long per_token = (2 * nstate + 4) * VMAX * (long)sizeof(vf);
+    const long nv = (len < seg_len ? len : seg_len) * per_token <= WIDE_BYTES ? block_vectors(nstate) : 1;
+    const long blocks = (dg + nv * W - 1) / (nv * W);  /* a group's blocks */
     const long nseg = (len + seg_len - 1) / seg_len;
-    const size_t work_bytes = ((nseg + 2 * seg_len) * nstate + 4 * seg_len) * sizeof(vf);
+    const size_t work_bytes = ((nseg + 2 * seg_len) * nstate + 4 * seg_len) * nv * sizeof(vf);
     const size_t lanes_bytes = (size_t)len * nstate * sizeof(vf);
     const struct bwd_strides st = {strides[1], strides[3], strides[5], strides[7], strides[9], strides[11],
                                    strides[13], strides[15], strides[17], strides[19]};
@@ -872,15 +957,22 @@ int arena_selective_scan_bwd(const float *u, const float *dt, const float *z, co
             const long bc = b * strides[18] + gs + p * strides[18] * batch;
             vf *lanes_b = lanes, *lanes_c = lanes + len * nstate;
             memset(lanes, 0, 2 * lanes_bytes);
-            for (long k = p * per_group / parts; k < (p + 1) * per_group / parts; k++) {
-                const long c0 = g * dg + k * W, w = dg - k * W < W ? dg - k * W : W;
-                scan_block_bwd(u + b * strides[0] + c0, dt + b * strides[2] + c0, z ? z + b * strides[4] + c0 : NULL,
-                               B + b * strides[6] + gs, C + b * strides[8] + gs, At + c0, D ? D + c0 : NULL,
-                               bias ? bias + c0 : NULL, dy + b * strides[10] + c0, du + b * strides[12] + c0,
-                               ddt + b * strides[14] + c0, dz ? dz + b * strides[16] + c0 : NULL,
-                               dA + b * nstate * dim + c0, dD ? dD + b * dim + c0 : NULL,
-                               dbias ? dbias + b * dim + c0 : NULL, st, len, dim, nstate, seg_len, softplus,
-                               w, work, lanes_b, lanes_c);
+            for (long k = p * blocks / parts; k < (p + 1) * blocks / parts; k++) {  /* none for some parts of a
+                                                                                   narrow group: their lanes are 0 */
+                const long c0 = g * dg + k * nv * W, cw = dg - k * nv * W < nv * W ? dg - k * nv * W : nv * W;
+#define SCAN_BLOCK_BWD(NV, FULL, NS)                                                                              \
+                scan_block_bwd(u + b * strides[0] + c0, dt + b * strides[2] + c0, z ? z + b * strides[4] + c0 : NULL, \
+                               B + b * strides[6] + gs, C + b * strides[8] + gs, At + c0, D ? D + c0 : NULL,       \
+                               bias ? bias + c0 : NULL, dy + b * strides[10] + c0, du + b * strides[12] + c0,      \
+                               ddt + b * strides[14] + c0, dz ? dz + b * strides[16] + c0 : NULL,                  \
+                               dA + b * nstate * dim + c0, dD ? dD + b * dim + c0 : NULL,                          \
+                               dbias ? dbias + b * dim + c0 : NULL, st, len, dim, NS, seg_len, softplus,      \
+                               cw, NV, FULL, work, lanes_b, lanes_c)
+                if (nv == 1 && cw == W) SCAN_BLOCK_BWD(1, 1, nstate);
+                else if (nv == 1) SCAN_BLOCK_BWD(1, 0, nstate);
+                else if (cw == VMAX * W && nstate == 1) SCAN_BLOCK_BWD(VMAX, 1, 1);
+                else SCAN_BLOCK_BWD(VMAX, 0, nstate);
+#undef SCAN_BLOCK_BWD
             }
             for (long t = 0; t < len; t++) {
                 lane_sums(lanes_b + t * nstate, nstate, dB + bc + t * st.dbc);
