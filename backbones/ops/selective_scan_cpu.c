@@ -454,10 +454,17 @@ void arena_token_conv(const float *x, long batch_stride, long token_stride, cons
             const float *xt = x + b * batch_stride + (t - pad) * token_stride;
             const long row = (b * len + t) * dim;
             float *o = out + b * out_batch_stride + t * out_token_stride;
-#define CONV_BLOCK(c, w)                                                                             \
+/* Mamba's four taps unrolled where a token has all of them (all but the first or last three of
+ * a sequence): the loop over taps took three times the instructions of its four FMAs. */
+#define TAPS4(c, w) (load(wt + c, w) * load(xt + c, w) + load(wt + dim + c, w) * load(xt + token_stride + c, w) \
+                     + (load(wt + 2 * dim + c, w) * load(xt + 2 * token_stride + c, w)                          \
+                        + load(wt + 3 * dim + c, w) * load(xt + 3 * token_stride + c, w)))
+#define TAPS(c, w) ({ vf a_ = {0};                                                                   \
+                      for (long j = j0; j < j1; j++) a_ += load(wt + j * dim + c, w) * load(xt + j * token_stride + c, w); \
+                      a_; })
+#define CONV_BLOCK(c, w, taps)                                                                       \
             {                                                                                        \
-                vf a = load(bias + c, w);                                                            \
-                for (long j = j0; j < j1; j++) a += load(wt + j * dim + c, w) * load(xt + j * token_stride + c, w); \
+                vf a = load(bias + c, w) + taps(c, w);                                               \
                 if (act == 1) a *= sigmoid(a);                                                       \
                 if (act == 2) {                                                                      \
                     const vf s = sigmoid(a);                                                         \
@@ -466,7 +473,14 @@ void arena_token_conv(const float *x, long batch_stride, long token_stride, cons
                 if (accumulate) a += load(o + c, w);                                                 \
                 store(o + c, a, w);                                                                  \
             }
-            FOR_BLOCKS(0, dim, CONV_BLOCK);
+#define CONV_BLOCK4(c, w) CONV_BLOCK(c, w, TAPS4)
+#define CONV_BLOCK_ANY(c, w) CONV_BLOCK(c, w, TAPS)
+            if (k == 4 && j0 == 0 && j1 == 4) FOR_BLOCKS(0, dim, CONV_BLOCK4);
+            else FOR_BLOCKS(0, dim, CONV_BLOCK_ANY);
+#undef CONV_BLOCK_ANY
+#undef CONV_BLOCK4
+#undef TAPS
+#undef TAPS4
 #undef CONV_BLOCK
         }
 }
