@@ -31,6 +31,7 @@ def _module(monkeypatch):
     return module
 
 
+@pytest.mark.slow  # 33 s under Triton's interpreter; the Triton scan itself is checked in test_selective_scan_triton.py
 def test_scan_rows_compare_triton_with_pytorch(tmp_path):
     """Part (b) under Triton's interpreter: both shapes, forward and backward, matching the PyTorch scan."""
     rc, rows = _smoke(tmp_path, "--parts", "b")
