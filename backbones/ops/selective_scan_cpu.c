@@ -280,10 +280,11 @@ scan_block(const float *u, const float *dt, const float *z, const float *B, cons
            const float *D, const float *bias, float *y, float *h, struct strides so, struct strides si, long outer,
            long inner, long dim, long nstate, int softplus, int accumulate, long cw, const long nv,
            const int full) {
-    const long nvb = (cw + W - 1) / W;
+    const long nvb = full ? nv : (cw + W - 1) / W;
+#define WIDTH(v) (full ? W : vec_width(cw, v))
     vf a2[NMAX], hs[NMAX], Dv[VMAX], bv[VMAX];  /* a2: A in base 2, so each decay is one vexp2 */
     for (long v = 0; v < nvb; v++) {
-        const long w = (full ? W : vec_width(cw, v));
+        const long w = WIDTH(v);
         for (long s = 0; s < nstate; s++) {
             a2[s * nv + v] = load(At + s * dim + v * W, w) * LOG2E;
             hs[s * nv + v] = load(h + s * dim + v * W, w);
@@ -307,7 +308,7 @@ scan_block(const float *u, const float *dt, const float *z, const float *B, cons
                     if (z) prefetch_vectors(z + o * so.z + (t0 + i + AHEAD) * si.z, nvb, 0);
                 }
                 for (long v = 0; v < nvb; v++) {
-                    const long w = (full ? W : vec_width(cw, v));
+                    const long w = WIDTH(v);
                     ds[i * nv + v] = step(AT(dt, dt), bv[v], softplus, w);
                     dus[i * nv + v] = ds[i * nv + v] * load(AT(u, u), w);
                 }
@@ -326,7 +327,7 @@ scan_block(const float *u, const float *dt, const float *z, const float *B, cons
             }
             for (long i = 0; i < n; i++)
                 for (long v = 0; v < nvb; v++) {
-                    const long w = (full ? W : vec_width(cw, v));
+                    const long w = WIDTH(v);
                     vf acc = Dv[v] * load(AT(u, u), w) + ys[i * nv + v];  /* u read again, not kept in a fourth buffer */
                     if (accumulate) acc += load(AT(y, y), w);
                     if (z) {
@@ -339,7 +340,8 @@ scan_block(const float *u, const float *dt, const float *z, const float *B, cons
 #undef TOKEN
         }
     for (long v = 0; v < nvb; v++)
-        for (long s = 0; s < nstate; s++) store(h + s * dim + v * W, hs[s * nv + v], (full ? W : vec_width(cw, v)));
+        for (long s = 0; s < nstate; s++) store(h + s * dim + v * W, hs[s * nv + v], WIDTH(v));
+#undef WIDTH
 }
 
 /* arena_selective_scan over a 2D grid of tokens read in place: token t of the sequence is at
