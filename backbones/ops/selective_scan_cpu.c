@@ -251,8 +251,8 @@ static inline long block_vectors(long nstate) { return nstate <= 2 ? VMAX : 1; }
 
 /* Tokens ahead that the forward prefetches its inputs and outputs: consecutive tokens of a block sit
  * a token row apart (VMamba's grouped routes: 3-6 KB, a new page per token, where the hardware
- * prefetchers stop), and a token's work is too short to hide a miss to memory (1.6-2.1x at VMamba-T's
- * shapes with wide blocks; its gradient, whose walk waits on its own chains, gained nothing). */
+ * prefetchers stop), and a token's work is too short to hide a miss to memory (on top of wide blocks,
+ * 1.1-1.6x at VMamba-T's stage shapes; its gradient, whose walk waits on its own chains, gained nothing). */
 #define AHEAD 4
 static inline void prefetch_vectors(const float *p, long nvb, int write) {
     for (long v = 0; v < nvb; v++) {
@@ -271,7 +271,7 @@ static inline long vec_width(long cw, long v) { return cw - v * W < W ? cw - v *
  * then D * u, the gate and the store. A token's softplus, decay and gate are one chain of dependent
  * operations over 100 cycles long; with few states a token's work is short, and in one pass the
  * core overlapped only the few tokens its reorder window held; a wide block (nv > 1) has nv
- * independent vectors in each token and takes one token at a time (1.1-1.2x faster than 4 or 32 at
+ * independent vectors in each token and takes one token at a time (1.05-1.2x faster than 4 or 32 at
  * VMamba-T's shapes). Per-vector values are indexed [token or state][vector]; nv, full (cw == nv * W)
  * and, for wide blocks, nstate are constants at each call (the function is inlined). */
 #define CHUNK 32
