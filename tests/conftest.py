@@ -1,4 +1,4 @@
-"""Shared fixtures: compose the project's Hydra configs the way train.py does, on CPU."""
+"""Shared fixtures: compose the project's Hydra configs the way train.py does, on CPU; set intra-op threads."""
 from __future__ import annotations
 
 import os
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -23,6 +24,14 @@ register_configs()
 
 FAST = ["trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "logger=csv"]
 FAST_SHAPES = ["data.num_train=64", "data.num_val=32", "data.num_test=32", "data.batch_size=16"]
+
+
+@pytest.fixture
+def set_threads() -> Callable[[int], None]:
+    """``set_threads(n)``: torch's intra-op threads for the rest of the test; the count before is restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

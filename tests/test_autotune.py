@@ -50,15 +50,11 @@ def test_a_clearly_slower_candidate_is_timed_once(clock) -> None:
     assert clock.calls == ["slow", "fast"]
 
 
-def test_keys_are_per_thread_count(clock) -> None:
+def test_keys_are_per_thread_count(clock, set_threads) -> None:
     clock.times = {"a": [1.0], "b": [2.0]}
-    before = torch.get_num_threads()
     autotune.fastest("k", runs("a", "b"), default="b")
-    torch.set_num_threads(2 if before != 2 else 1)
-    try:
-        autotune.fastest("k", runs("a", "b"), default="b")
-    finally:
-        torch.set_num_threads(before)
+    set_threads(2 if torch.get_num_threads() != 2 else 1)
+    autotune.fastest("k", runs("a", "b"), default="b")
     assert len(clock.calls) == 4 * (1 + autotune.ROUNDS)
 
 

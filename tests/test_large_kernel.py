@@ -124,7 +124,7 @@ def test_tuned_strategy_times_the_candidates_once_per_shape(monkeypatch, fastest
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", [(1, 80, 56, 56, 3), (2, 16, 14, 15, 13), (1, 24, 7, 7, 13), (3, 13, 9, 11, 5),
                                    (1, 8, 5, 6, 31), (2, 40, 10, 10, 1)])
-def test_compiled_depthwise_conv_matches_pytorch_and_pools(shape: tuple[int, ...], threads: int) -> None:
+def test_compiled_depthwise_conv_matches_pytorch_and_pools(shape: tuple[int, ...], threads: int, set_threads) -> None:
     """Odd channel counts (a partial vector), maps narrower than the kernel, rows that are not a whole number
     of 8-pixel tiles, one or two threads; the pooled mean of forward_pooled equals the output's mean."""
     b, c, h, w, k = shape
@@ -132,14 +132,10 @@ def test_compiled_depthwise_conv_matches_pytorch_and_pools(shape: tuple[int, ...
     m = DepthwiseConv2d(c, k, bias=True, strategy="compiled")
     x = torch.randn(b, c, h, w)
     ref = F.conv2d(x, m.weight, m.bias, padding=k // 2, groups=c)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            y, pooled = m.forward_pooled(x)
-            y_nchw_in = m(x.contiguous())
-    finally:
-        torch.set_num_threads(before)
+    set_threads(threads)
+    with torch.no_grad():
+        y, pooled = m.forward_pooled(x)
+        y_nchw_in = m(x.contiguous())
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y_nchw_in, ref, rtol=1e-5, atol=1e-5)
@@ -529,7 +525,8 @@ def test_block_equals_the_official_formulation(monkeypatch, path: str, deploy: b
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", [(1, 4, 4, 64), (3, 5, 7, 37), (2, 9, 9, 130)])  # full and partial channel blocks
-def test_compiled_grn_equals_the_module(shape: tuple[int, ...], threads: int, gelu: bool, bias: bool) -> None:
+def test_compiled_grn_equals_the_module(shape: tuple[int, ...], threads: int, gelu: bool, bias: bool,
+                                        set_threads) -> None:
     lib = scan_cpu.kernel()
     if lib is None:
         pytest.skip("no C compiler for the compiled kernels")
@@ -541,13 +538,9 @@ def test_compiled_grn_equals_the_module(shape: tuple[int, ...], threads: int, ge
     b = torch.randn(shape[-1], generator=g) if bias else None
     pre = x if b is None else x + b
     want = grn(F.gelu(pre) if gelu else pre).detach()
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = x.clone()
-        assert scan_cpu.grn_(lib, got, grn.gamma.detach(), bias=b, gelu=gelu) is got  # in place
-    finally:
-        torch.set_num_threads(before)
+    set_threads(threads)
+    got = x.clone()
+    assert scan_cpu.grn_(lib, got, grn.gamma.detach(), bias=b, gelu=gelu) is got  # in place
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="contiguous"):
         scan_cpu.grn_(lib, x.permute(0, 2, 1, 3), grn.gamma.detach())

@@ -77,17 +77,13 @@ def test_matches_reference(b, d, l, n, groups, gate):
     (2, 128, 50, 2, 0, 2),    # d_state 2, two full wide blocks, split over two threads
     (1, 64, 1400, 1, 4, 2),   # a long sequence: wide forward, narrow backward; more threads than blocks
 ])
-def test_wide_blocks_match_reference(b, d, l, n, groups, threads, scan_kernel):
+def test_wide_blocks_match_reference(b, d, l, n, groups, threads, scan_kernel, set_threads):
     """With one or two states the kernels walk 8 vectors of channels per block (VMamba's shapes): full and
     partial blocks, forward and backward, against the sequential reference."""
     inputs = _inputs(b, d, l, n, groups=groups, seed=d)
     y_ref, g_ref = _run(selective_scan_ref, inputs)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        y, g = _run(selective_scan, inputs)
-    finally:
-        torch.set_num_threads(before)
+    set_threads(threads)
+    y, g = _run(selective_scan, inputs)
     assert _rel(y, y_ref) < 1e-5
     for k in g_ref:
         assert _rel(g[k], g_ref[k]) < 1e-4, k
@@ -280,7 +276,7 @@ def test_fused_conv_silu_and_gated_sum_of_two_directions(scan_kernel):
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the fused kernel")
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("rows,k,n", [(7, 384, 44), (8, 5, 1), (3, 19, 64), (1, 40, 17), (6, 12, 33)])
-def test_thin_matmul_and_its_second_stage(scan_kernel, rows: int, k: int, n: int, threads: int):
+def test_thin_matmul_and_its_second_stage(scan_kernel, set_threads, rows: int, k: int, n: int, threads: int):
     """Vim's x and dt projections: an output of whole and partial vectors, odd row counts, strided input rows."""
     if scan_kernel == "torch":
         pytest.skip("the fused kernel is off")
@@ -293,13 +289,9 @@ def test_thin_matmul_and_its_second_stage(scan_kernel, rows: int, k: int, n: int
     w, w2 = torch.randn(n, k, generator=g), torch.randn(2 * width + 3, min(n, 12), generator=g)  # dt_proj-like
     wt = scan_cpu.thin_weight(lib, w)
     assert wt.shape == (k, -(-n // width) * width) and torch.equal(wt[:, n:], torch.zeros_like(wt[:, n:]))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        y = scan_cpu.thin_matmul(lib, x, wt, n)
-        y2, z = scan_cpu.thin_matmul(lib, x, wt, n, then=w2.t().contiguous())
-    finally:
-        torch.set_num_threads(before)
+    set_threads(threads)
+    y = scan_cpu.thin_matmul(lib, x, wt, n)
+    y2, z = scan_cpu.thin_matmul(lib, x, wt, n, then=w2.t().contiguous())
     want = x @ w.t()
     assert y.shape == (2, rows, n) and _rel(y, want) < 1e-6
     assert torch.equal(y2, y) and z.shape == (2, rows, w2.shape[0])

@@ -264,6 +264,20 @@ static inline void prefetch_vectors(const float *p, long nvb, int write) {
 /* The width of vector v of a block of cw channels. */
 static inline long vec_width(long cw, long v) { return cw - v * W < W ? cw - v * W : W; }
 
+/* The channels of block k of a group of dg channels in blocks of nv vectors (the last may be narrower). */
+static inline long block_channels(long dg, long k, long nv) { return dg - k * nv * W < nv * W ? dg - k * nv * W : nv * W; }
+
+/* CALL(nv, full, nstate) with the block function's instantiation for a block of nv vectors, cw channels
+ * and nstate states: constants where the block is full width (and for VMamba's one state in a wide
+ * block), the generic form otherwise. The forward and its gradient choose alike. */
+#define BY_BLOCK_SHAPE(CALL, nv, cw, nstate)                              \
+    do {                                                                   \
+        if ((nv) == 1 && (cw) == W) CALL(1, 1, nstate);                    \
+        else if ((nv) == 1) CALL(1, 0, nstate);                            \
+        else if ((cw) == VMAX * W && (nstate) == 1) CALL(VMAX, 1, 1);      \
+        else CALL(VMAX, 0, nstate);                                        \
+    } while (0)
+
 /* One block of cw <= nv * W channels over the whole sequence; pointers are at (t = 0, first channel).
  * Token t sits at (t / inner) * outer strides + (t % inner) * inner strides: a route through a 2D
  * grid (rows, or columns) is read in place; a plain sequence has one outer step of len tokens.
@@ -300,12 +314,13 @@ scan_block(const float *u, const float *dt, const float *z, const float *B, cons
 #define TOKEN(p, x) ((p) + o * so.x + (t0 + i) * si.x)
 #define AT(p, x) (TOKEN(p, x) + v * W)
             for (long i = 0; i < n; i++) {
-                if (t0 + i + AHEAD < inner) {
-                    const long ahead = o * so.u + (t0 + i + AHEAD) * si.u, ahead_dt = o * so.dt + (t0 + i + AHEAD) * si.dt;
-                    prefetch_vectors(u + ahead, nvb, 0);
-                    prefetch_vectors(dt + ahead_dt, nvb, 0);
-                    prefetch_vectors(y + o * so.y + (t0 + i + AHEAD) * si.y, nvb, !accumulate);
-                    if (z) prefetch_vectors(z + o * so.z + (t0 + i + AHEAD) * si.z, nvb, 0);
+                if (t0 + i + AHEAD < inner) {  /* the rows AHEAD tokens on */
+#define AHEAD_ROW(p, x) (TOKEN(p, x) + AHEAD * si.x)
+                    prefetch_vectors(AHEAD_ROW(u, u), nvb, 0);
+                    prefetch_vectors(AHEAD_ROW(dt, dt), nvb, 0);
+                    prefetch_vectors(AHEAD_ROW(y, y), nvb, !accumulate);
+                    if (z) prefetch_vectors(AHEAD_ROW(z, z), nvb, 0);
+#undef AHEAD_ROW
                 }
                 for (long v = 0; v < nvb; v++) {
                     const long w = WIDTH(v);
@@ -360,16 +375,13 @@ int arena_selective_scan_grid(const float *u, const float *dt, const float *z, c
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long i = 0; i < blocks; i++) {
         const long b = i / (groups * per_group), g = (i / per_group) % groups, k = i % per_group;
-        const long c0 = g * dg + k * nv * W, cw = dg - k * nv * W < nv * W ? dg - k * nv * W : nv * W;
+        const long c0 = g * dg + k * nv * W, cw = block_channels(dg, k, nv);
 #define SCAN_BLOCK(NV, FULL, NS)                                                                                   \
         scan_block(u + b * strides[0] + c0, dt + b * strides[3] + c0, z ? z + b * strides[6] + c0 : NULL,      \
                    B + b * strides[9] + g * nstate, C + b * strides[12] + g * nstate, At + c0, D ? D + c0 : NULL, \
                    bias ? bias + c0 : NULL, y + b * strides[15] + c0, h + b * nstate * dim + c0, so, si, outer,  \
                    inner, dim, NS, softplus, accumulate, cw, NV, FULL)
-        if (nv == 1 && cw == W) SCAN_BLOCK(1, 1, nstate);
-        else if (nv == 1) SCAN_BLOCK(1, 0, nstate);
-        else if (cw == VMAX * W && nstate == 1) SCAN_BLOCK(VMAX, 1, 1);  /* VMamba's: all constants */
-        else SCAN_BLOCK(VMAX, 0, nstate);
+        BY_BLOCK_SHAPE(SCAN_BLOCK, nv, cw, nstate);
 #undef SCAN_BLOCK
     }
     return 0;
@@ -975,7 +987,7 @@ int arena_selective_scan_bwd(const float *u, const float *dt, const float *z, co
             memset(lanes, 0, 2 * lanes_bytes);
             for (long k = p * blocks / parts; k < (p + 1) * blocks / parts; k++) {  /* none for some parts of a
                                                                                    narrow group: their lanes are 0 */
-                const long c0 = g * dg + k * nv * W, cw = dg - k * nv * W < nv * W ? dg - k * nv * W : nv * W;
+                const long c0 = g * dg + k * nv * W, cw = block_channels(dg, k, nv);
 #define SCAN_BLOCK_BWD(NV, FULL, NS)                                                                              \
                 scan_block_bwd(u + b * strides[0] + c0, dt + b * strides[2] + c0, z ? z + b * strides[4] + c0 : NULL, \
                                B + b * strides[6] + gs, C + b * strides[8] + gs, At + c0, D ? D + c0 : NULL,       \
@@ -984,10 +996,7 @@ int arena_selective_scan_bwd(const float *u, const float *dt, const float *z, co
                                dA + b * nstate * dim + c0, dD ? dD + b * dim + c0 : NULL,                          \
                                dbias ? dbias + b * dim + c0 : NULL, st, len, dim, NS, seg_len, softplus,      \
                                cw, NV, FULL, work, lanes_b, lanes_c)
-                if (nv == 1 && cw == W) SCAN_BLOCK_BWD(1, 1, nstate);
-                else if (nv == 1) SCAN_BLOCK_BWD(1, 0, nstate);
-                else if (cw == VMAX * W && nstate == 1) SCAN_BLOCK_BWD(VMAX, 1, 1);
-                else SCAN_BLOCK_BWD(VMAX, 0, nstate);
+                BY_BLOCK_SHAPE(SCAN_BLOCK_BWD, nv, cw, nstate);
 #undef SCAN_BLOCK_BWD
             }
             for (long t = 0; t < len; t++) {
