@@ -120,9 +120,9 @@ class _BiScan(torch.autograd.Function):
     The same arithmetic as ``BiMamba._scan`` twice, without its copies: the backward direction's
     conv reads the tokens after each one and its scan runs from the last token to the first in
     place (no flipped copies), both scans write one sum, and the backward pass writes the
-    gradient of ``xz`` in one tensor; the gate and the SiLUs' gradients are fused kernels too.
-    Saved: each direction's conv output, x_proj output and dt, and the ungated sum; the conv's
-    pre-activation is recomputed.
+    gradient of ``xz`` in one tensor; the gate is a fused kernel too, and each direction's conv
+    + SiLU gradients (input, taps, bias) come from one pass. Saved: each direction's conv output,
+    x_proj output and dt, and the ungated sum; the conv's pre-activation is recomputed.
     """
 
     @staticmethod
@@ -164,12 +164,9 @@ class _BiScan(torch.autograd.Function):
             grad_u.view(-1, d).addmm_(grad_xdbl.flatten(0, 1), w_x)
             grad_w_x = autotune.matmul(grad_xdbl.flatten(0, 1).t(), u.flatten(0, 1))
             direction_taps, pad = _conv_taps(taps, bool(backward))
-            grad_pre = scan_cpu.token_conv(lib, x, direction_taps, conv_bias, pad=pad, length=x.shape[1],
-                                           silu_grad_of=grad_u)
-            scan_cpu.token_conv(lib, grad_pre, direction_taps.flip(-1), grad_pre.new_zeros(d),  # x's, both summed
-                                pad=taps.shape[-1] - 1 - pad, length=x.shape[1], out=grad_xz[..., :d],
-                                accumulate=bool(backward))
-            grad_taps, grad_conv_bias = scan_cpu.token_conv_wgrad(lib, x, grad_pre, k=taps.shape[-1], pad=pad)
+            _, grad_taps, grad_conv_bias = scan_cpu.token_conv_backward(  # x's gradient: both directions' summed
+                lib, x, direction_taps, grad_u, pad=pad, silu_bias=conv_bias, out=grad_xz[..., :d],
+                accumulate=bool(backward))
             grads += [grad_taps.flip(-1) if backward else grad_taps, grad_conv_bias, grad_w_x, grad_w_dt,
                       s["delta_bias"], s["A"] * A, s["D"]]
         return None, grad_xz, *grads

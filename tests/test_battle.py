@@ -176,7 +176,7 @@ def test_cells_run_as_separate_processes_through_submitits_local_launcher(tmp_pa
 
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=battle_test", "hydra/launcher=local",
            "backbone=convnext_test", "task=classification", "seed=0,1", f"paths.log_dir={tmp_path}", "logger=csv",
-           "trainer.accelerator=cpu"]
+           "trainer.accelerator=cpu", "hydra.callbacks.battle.bench_sizes=[]"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     battle = tmp_path / "battles" / "test"

@@ -88,8 +88,7 @@ def test_frozen_mode_trains_only_neck_and_head(make_cfg, tmp_path: Path) -> None
 
 
 def test_eval_saves_pictures_of_predictions_and_truth(make_cfg, tmp_path: Path) -> None:
-    over = [*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
-            "trainer.limit_test_batches=1"]
+    over = [*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=1", "data.num_val=2", "data.num_test=4"]
     rec = train(make_cfg(*over, run_dir=tmp_path / "run"), tmp_path / "run", overrides=over)
     erec = evaluate(make_cfg(f"ckpt_path={rec['checkpoint']}", "save_images=3", config="eval",
                              run_dir=tmp_path / "eval"), str(tmp_path / "eval"))

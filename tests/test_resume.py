@@ -64,7 +64,10 @@ def _wait_until_held(proc: subprocess.Popen, flag: Path) -> None:
     assert flag.exists(), proc.communicate()[0][-3000:]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
+# SIGINT's save and resume run by default in test_ctrl_c_in_a_terminal_with_loader_workers; its
+# same-result case here under -m slow (each case ~19 s on 2 cores: two train.py processes)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGKILL],
+                         ids=lambda s: s.name)
 def test_interrupted_run_resumes_to_the_same_result(reference: dict, tmp_path: Path, sig: signal.Signals) -> None:
     run_dir, flag = tmp_path / "run", tmp_path / "held"
     proc = _train_py(*RUN, f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false",

@@ -274,6 +274,43 @@ def test_fused_conv_silu_and_gated_sum_of_two_directions(scan_kernel):
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the fused kernel")
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("silu", [False, True])
+def test_fused_conv_backward_matches_autograd(scan_kernel, set_threads, silu: bool, threads: int):
+    """Vim's conv (+ SiLU) gradients in one pass against autograd through F.conv1d: every padding, outputs shorter
+    than, as long as and longer than the input, sequences shorter than the kernel, 37 channels (a partial
+    vector, split over threads), x's gradient added into a strided view of wider rows."""
+    if scan_kernel == "torch":
+        pytest.skip("the fused kernel is off")
+    lib = scan_cpu.kernel()
+    set_threads(threads)
+    g = torch.Generator().manual_seed(5)
+    c = 37
+    for t in (11, 2):
+        for pad in range(4):
+            for length in sorted(n for n in {t + pad - 3, t, t + 2} if n > 0):
+                x = torch.randn(2, t, 2 * c, generator=g)[..., c:]
+                w, bias = torch.randn(c, 4, generator=g), torch.randn(c, generator=g)
+                leaves = [v.clone().requires_grad_() for v in (x, w, bias)]
+                a = F.conv1d(F.pad(leaves[0].transpose(1, 2), (pad, length + 3 - pad - t)), leaves[1][:, None],
+                             leaves[2], groups=c).transpose(1, 2)
+                grad = torch.randn(a.shape, generator=g)
+                (F.silu(a) if silu else a).backward(grad)
+                rows = torch.randn(2, t, 3 * c, generator=g)
+                before = rows.clone()
+                dx, dw, db = scan_cpu.token_conv_backward(lib, x, w, grad, pad=pad, silu_bias=bias if silu else None,
+                                                          out=rows[..., c:2 * c], accumulate=True)
+                case = (t, pad, length)
+                assert _rel(dx - before[..., c:2 * c], leaves[0].grad) < 1e-6, case
+                assert _rel(dw, leaves[1].grad) < 1e-6 and _rel(db, leaves[2].grad) < 1e-6, case
+                assert torch.equal(rows[..., :c], before[..., :c]) and torch.equal(rows[..., 2 * c:], before[..., 2 * c:])
+    fresh = scan_cpu.token_conv_backward(lib, x, w, grad, pad=pad, silu_bias=bias if silu else None)[0]
+    assert _rel(fresh, dx - before[..., c:2 * c]) < 1e-6  # written into a new tensor without out
+    with pytest.raises(ValueError, match="grad must be"):
+        scan_cpu.token_conv_backward(lib, x, w, grad[..., 1:])
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the fused kernel")
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("rows,k,n", [(7, 384, 44), (8, 5, 1), (3, 19, 64), (1, 40, 17), (6, 12, 33)])
 def test_thin_matmul_and_its_second_stage(scan_kernel, set_threads, rows: int, k: int, n: int, threads: int):

@@ -87,14 +87,16 @@ def _load() -> ctypes.CDLL | None:
                                       + [ctypes.c_int])
     lib.arena_thin_matmul.restype = ctypes.c_int
     lib.arena_token_conv.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 3
-                                     + [ctypes.c_long] * 8 + [ctypes.c_int] * 2 + [ctypes.c_void_p, ctypes.c_int])
+                                     + [ctypes.c_long] * 8 + [ctypes.c_int] * 3)
+    lib.arena_token_conv_bwd.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 4
+                                         + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 6
+                                         + [ctypes.c_int] * 3)
+    lib.arena_token_conv_bwd.restype = ctypes.c_int
     lib.arena_gate.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_long] + [ctypes.c_void_p] * 3
                                + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_int])
-    lib.arena_token_conv_wgrad.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 3
-                                           + [ctypes.c_long] * 6 + [ctypes.c_int])
     lib.arena_rms_norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_int]
     lib.arena_rms_norm_bwd.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 2 + [ctypes.c_int]
-    lib.arena_token_conv.restype = lib.arena_token_conv_wgrad.restype = lib.arena_gate.restype = None
+    lib.arena_token_conv.restype = lib.arena_gate.restype = None
     lib.arena_rms_norm.restype = lib.arena_rms_norm_bwd.restype = None
     lib.arena_grn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_float] + [ctypes.c_int] * 2
     lib.arena_dwconv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 5 + [ctypes.c_int]
@@ -236,34 +238,62 @@ def _conv_input(x: Tensor, k: int) -> tuple[int, int, int]:
 
 
 def token_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor, *, pad: int = 0, length: int | None = None,
-               silu: bool = False, silu_grad_of: Tensor | None = None, out: Tensor | None = None,
-               accumulate: bool = False) -> Tensor:
-    """Mamba's depthwise conv along the tokens of time-major ``x`` [b, t, d], then an activation, in one pass.
+               silu: bool = False, out: Tensor | None = None, accumulate: bool = False) -> Tensor:
+    """Mamba's depthwise conv along the tokens of time-major ``x`` [b, t, d], then SiLU when asked, in one pass.
 
     Output token ``i`` is ``bias + sum_j weight[:, j] * x[:, i + j - pad]`` with ``x`` zero outside
     its tokens: ``pad`` tokens of zeros before ``x`` and as many after as ``length`` (default
     ``t + pad - k + 1``: none) needs. ``x`` is read in place (any batch and token strides,
-    contiguous channels), so no padded copy is made. With ``silu`` the output goes through SiLU;
-    with ``silu_grad_of`` (the SiLU output's gradient, [b, length, d]) the result is that gradient
-    taken back through the SiLU, the conv being recomputed instead of saved. The result, fp32
-    [b, length, d], is written into ``out`` when given (a view with contiguous channels, e.g. half
-    of a wider tensor), added to what it holds with ``accumulate``, and returned.
+    contiguous channels), so no padded copy is made. The result, fp32 [b, length, d], is written
+    into ``out`` when given (a view with contiguous channels, e.g. half of a wider tensor), added
+    to what it holds with ``accumulate``, and returned.
     """
     b, t, d = _conv_input(x, weight.shape[-1])
     k = weight.shape[-1]
     length = t + pad - k + 1 if length is None else length
+    out = _conv_out(out, accumulate, (b, length, d), x.device, "token_conv")
+    taps, bias = _rows(weight.reshape(d, k).t(), 2), _rows(bias, 1)
+    lib.arena_token_conv(x.data_ptr(), x.stride(0), x.stride(1), taps.data_ptr(), bias.data_ptr(), out.data_ptr(),
+                         out.stride(0), out.stride(1), b, t, length, d, k, pad, int(silu), int(accumulate),
+                         torch.get_num_threads())
+    return out
+
+
+def token_conv_backward(lib: ctypes.CDLL, x: Tensor, weight: Tensor, grad: Tensor, *, pad: int = 0,
+                        silu_bias: Tensor | None = None, out: Tensor | None = None,
+                        accumulate: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of ``token_conv(lib, x, weight, bias, pad=pad, length=grad.shape[1])`` from its output's
+    ``grad`` [b, length, d], in one pass over the tokens; with ``silu_bias`` (the conv's bias), of the conv
+    with ``silu=True`` (the SiLU's input recomputed, not saved). Returns ``x``'s [b, t, d] (written into
+    ``out`` when given, a view with contiguous channels, added to what it holds with ``accumulate``),
+    ``weight``'s [d, k] and the bias's [d]."""
+    b, t, d = _conv_input(x, weight.shape[-1])
+    k = weight.shape[-1]
+    out = _conv_out(out, accumulate, (b, t, d), x.device, "token_conv_backward")
+    if grad.ndim != 3 or grad.shape[0] != b or grad.shape[2] != d:
+        raise ValueError(f"token_conv_backward: grad must be [{b}, length, {d}], got {tuple(grad.shape)}")
+    taps, grad = _rows(weight.reshape(d, k).t(), 2), _rows(grad, 3)
+    bias = None if silu_bias is None else _rows(silu_bias, 1)
+    grad_taps, grad_bias = torch.empty(k, d), torch.empty(d)
+    rc = lib.arena_token_conv_bwd(x.data_ptr(), x.stride(0), x.stride(1), taps.data_ptr(), _ptr(bias),
+                                  grad.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1), grad_taps.data_ptr(),
+                                  grad_bias.data_ptr(), b, t, grad.shape[1], d, k, pad, int(bias is not None),
+                                  int(accumulate), torch.get_num_threads())
+    if rc:
+        raise MemoryError("token_conv_backward: the fused kernel could not allocate its working memory")
+    return out, grad_taps.t(), grad_bias
+
+
+def _conv_out(out: Tensor | None, accumulate: bool, shape: tuple[int, int, int], device: torch.device,
+              name: str) -> Tensor:
+    """``out``, checked to be an fp32 ``shape`` view with contiguous channels, or a new tensor."""
     if out is None:
         if accumulate:
-            raise ValueError("token_conv: accumulate=True adds into out; pass the tensor to add to as out")
-        out = torch.empty(b, length, d)
-    elif out.shape != (b, length, d) or out.dtype != torch.float32 or out.stride(2) != 1 or out.device != x.device:
-        raise ValueError(f"token_conv: out must be fp32 [{b}, {length}, {d}] with contiguous channels on "
-                         f"{x.device}, got {out.dtype} {tuple(out.shape)} (strides {out.stride()})")
-    taps, bias = _rows(weight.reshape(d, k).t(), 2), _rows(bias, 1)
-    g = None if silu_grad_of is None else _rows(silu_grad_of, 3)
-    lib.arena_token_conv(x.data_ptr(), x.stride(0), x.stride(1), taps.data_ptr(), bias.data_ptr(), out.data_ptr(),
-                         out.stride(0), out.stride(1), b, t, length, d, k, pad, 2 if g is not None else int(silu),
-                         int(accumulate), _ptr(g), torch.get_num_threads())
+            raise ValueError(f"{name}: accumulate=True adds into out; pass the tensor to add to as out")
+        return torch.empty(shape)
+    if out.shape != shape or out.dtype != torch.float32 or out.stride(2) != 1 or out.device != device:
+        raise ValueError(f"{name}: out must be fp32 {list(shape)} with contiguous channels on {device}, got "
+                         f"{out.dtype} {tuple(out.shape)} (strides {out.stride()})")
     return out
 
 
@@ -429,16 +459,6 @@ def rms_norm_backward(lib: ctypes.CDLL, grad: Tensor, x: Tensor, weight: Tensor,
     lib.arena_rms_norm_bwd(x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), grad.data_ptr(), dx.data_ptr(),
                            parts.data_ptr(), rstd.numel(), x.shape[-1], threads)
     return dx, parts.sum(0)
-
-
-def token_conv_wgrad(lib: ctypes.CDLL, x: Tensor, grad: Tensor, *, k: int, pad: int = 0) -> tuple[Tensor, Tensor]:
-    """The gradients of ``token_conv``'s weight [d, k] and bias [d] (no SiLU) from its output's ``grad`` [b, length, d]."""
-    b, t, d = _conv_input(x, k)
-    grad = grad.float().contiguous()
-    taps, bias = torch.empty(k, d), torch.empty(d)
-    lib.arena_token_conv_wgrad(x.data_ptr(), x.stride(0), x.stride(1), grad.data_ptr(), taps.data_ptr(),
-                               bias.data_ptr(), b, t, grad.shape[1], d, k, pad, torch.get_num_threads())
-    return taps.t(), bias
 
 
 def cross_scan(lib: ctypes.CDLL, x: Tensor) -> Tensor:

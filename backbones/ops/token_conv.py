@@ -56,11 +56,8 @@ def _backward(ctx, grad: Tensor):
     x, weight = ctx.saved_tensors
     k, T, pad = weight.shape[1], grad.shape[1], ctx.pad
     lib = _kernel(x, weight)
-    if lib is not None:  # the input's gradient is the same conv of the output's, taps reversed
-        grad = grad.float().contiguous()
-        grad_x = scan_cpu.token_conv(lib, grad, weight.flip(-1), grad.new_zeros(grad.shape[2]), pad=k - 1 - pad,
-                                     length=x.shape[1])
-        return grad_x, *scan_cpu.token_conv_wgrad(lib, x, grad, k=k, pad=pad), None
+    if lib is not None:
+        return *scan_cpu.token_conv_backward(lib, x, weight, grad, pad=pad), None
     xp = F.pad(x, (0, 0, pad, 0))
     grad_xp = torch.zeros_like(xp)
     grad_w = torch.empty_like(weight)
