@@ -274,12 +274,13 @@ def test_fused_conv_silu_and_gated_sum_of_two_directions(scan_kernel):
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the fused kernel")
-@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("threads", [1, 3, 8])
 @pytest.mark.parametrize("silu", [False, True])
 def test_fused_conv_backward_matches_autograd(scan_kernel, set_threads, silu: bool, threads: int):
     """Vim's conv (+ SiLU) gradients in one pass against autograd through F.conv1d: every padding, outputs shorter
     than, as long as and longer than the input, sequences shorter than the kernel, 37 channels (a partial
-    vector, split over threads), x's gradient added into a strided view of wider rows."""
+    vector, split over threads, more threads than blocks of channels), x's gradient added into a strided view
+    of wider rows."""
     if scan_kernel == "torch":
         pytest.skip("the fused kernel is off")
     lib = scan_cpu.kernel()

@@ -525,7 +525,7 @@ int arena_token_conv_bwd(const float *x, long batch_stride, long token_stride, c
         float *ring = span ? aligned_alloc(sizeof(vf), k * span * sizeof(float)) : NULL;
         failed = span && !ring;
         const long steps = len > len_in + pad ? len : len_in + pad;  /* outputs past x's reach add to db only */
-        for (long b = 0; b < batch && !failed; b++)
+        for (long b = 0; b < batch && span && !failed; b++)  /* (no channels for a thread beyond the blocks) */
             for (long t = 0; t < steps; t++) {
                 TAP_RANGE(t);
                 const float *xt = x + b * batch_stride + (t - pad) * token_stride, *gt = g + (b * len + t) * dim;
