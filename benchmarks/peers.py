@@ -7,8 +7,10 @@ One process prints, in this order:
 1. the machine's fp32 matmul rate (a square GEMM of ``--matmul-size``, best of ``--repeats``);
 2. every model's inference img/s at batch 1 and 8 and training img/s at batch 8 (224 px; a step
    is forward, a loss on every returned level, backward, SGD), all models timed round-robin in
-   one loop (``benchmarks/timing.py``), and each model's share of the matmul rate in inference
-   (FLOPs per image from ``arena.bench.count_flops`` x img/s / matmul rate);
+   one loop (``benchmarks/timing.py``), the matmul rate again, with a warning when it moved by more
+   than 15% (another process took the machine during the run: its ratios are not to be read), and
+   each model's share of the matmul rate (the higher of the two) in inference (FLOPs per image from
+   ``arena.bench.count_flops`` x img/s / matmul rate);
 3. the ratios of each pair with the target each must reach: vim_tiny / timm deit_tiny,
    vmamba_tiny / swin_tiny and / convnext_tiny, unireplknet_t (deploy form) / convnext_tiny;
 4. Vim-Ti vs DeiT-Ti at 1024 px, batch 1: time (timed like the above) and peak memory (the
@@ -68,6 +70,7 @@ PAIRS = [
     ("unireplknet_t deploy", "convnext_tiny", 0.9, None),
 ]
 SHARE_TARGET = 0.35  # of the matmul rate, every native model in inference at batch 8
+DRIFT = 0.15  # a change of the matmul rate between before and after the timings that is reported as a disturbed run
 NATIVE = ("vim_tiny", "vmamba_tiny", "unireplknet_t deploy")
 
 
@@ -187,6 +190,14 @@ def main() -> None:
         models[k].train()
     t = time_interleaved({k: training_step(models[k], x[batch]) for k in TRAINED}, repeats, min_seconds=min_seconds)
     img_s[f"train {batch}"] = {k: batch / s for k, s in t.items()}
+    rate_after = matmul_rate(args.matmul_size, max(repeats, 3))
+    print(f"fp32 matmul after the {args.size} px timings: {rate_after / 1e9:.1f} GFLOP/s")
+    if abs(rate_after / rate - 1) > DRIFT:
+        print(f"WARNING: the machine's speed changed during the run (matmul {rate / 1e9:.1f} -> {rate_after / 1e9:.1f} "
+              f"GFLOP/s): another process competed for the cores or the caches; the ratios below may be off, run "
+              f"again before reading them")
+    rate = max(rate, rate_after)  # the shares against the undisturbed rate
+    print()
 
     cols = list(img_s)
     print(f"{args.size} px, img/s (share of the matmul rate in inference)")

@@ -19,6 +19,7 @@ def test_peers_quick_prints_the_matmul_rate_first_then_every_pair():
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert re.match(r"fp32 matmul 1024x1024: \d+\.\d GFLOP/s", lines[1])
+    assert any(re.match(r"fp32 matmul after the 224 px timings: \d+\.\d GFLOP/s", line) for line in lines)
     for pair in ("vim_tiny / deit_tiny", "vmamba_tiny / swin_tiny", "vmamba_tiny / convnext_tiny",
                  "unireplknet_t deploy / convnext_tiny"):
         row = next(line for line in lines if line.startswith(pair))
