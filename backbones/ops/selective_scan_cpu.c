@@ -451,6 +451,15 @@ void arena_cross_merge(const float *seq, float *out, long batch, long h, long w,
         if (c_ < (c1)) body(c_, (c1) - c_);                                   \
     } while (0)
 
+/* The calling OpenMP thread's share of dim channels, [*c0, *c1): one contiguous range of whole vectors
+ * (the last thread's may end in a partial one), for passes in which each thread sums into its own channels. */
+static inline void thread_channels(long dim, long *c0, long *c1) {
+    const long blocks = (dim + W - 1) / W, n = omp_get_num_threads(), id = omp_get_thread_num();
+    const long end = blocks * (id + 1) / n * W;
+    *c0 = blocks * id / n * W;
+    *c1 = end < dim ? end : dim;
+}
+
 /* Mamba's depthwise conv along the tokens of x [batch, len_in, dim] (any batch and token strides,
  * channels contiguous), w [k, dim] (taps transposed): output token t of channel c is
  *   a[t] = bias[c] + sum_j w[j, c] * x[t + j - pad, c]   (x is 0 outside its len_in tokens).
@@ -513,14 +522,13 @@ int arena_token_conv_bwd(const float *x, long batch_stride, long token_stride, c
                          const float *g, float *dx, long dx_batch_stride, long dx_token_stride, float *dwt, float *db,
                          long batch, long len_in, long len, long dim, long k, long pad, int silu, int accumulate,
                          int threads) {
-    const long blocks = (dim + W - 1) / W;
     memset(dwt, 0, k * dim * sizeof(float));
     memset(db, 0, dim * sizeof(float));
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        const int n = omp_get_num_threads(), id = omp_get_thread_num();
-        const long c0 = blocks * id / n * W, c1 = blocks * (id + 1) / n * W < dim ? blocks * (id + 1) / n * W : dim;
+        long c0, c1;
+        thread_channels(dim, &c0, &c1);
         const long span = (c1 - c0 + W - 1) / W * W;  /* a ring row: the thread's channels, whole vectors */
         float *ring = span ? aligned_alloc(sizeof(vf), k * span * sizeof(float)) : NULL;
         failed = span && !ring;
@@ -722,14 +730,13 @@ void arena_rms_norm(const float *x, const float *wt, float *y, float *rstd, long
  * pixel rows into scale [batch, dim] (the caller's), then the rows are scaled. */
 void arena_grn(float *x, const float *gamma, const float *bias, float *scale, long batch, long pixels, long dim,
                float eps, int gelu, int threads) {
-    const long blocks = (dim + W - 1) / W;
     for (long b = 0; b < batch; b++) {
         float *xb = x + b * pixels * dim, *sb = scale + b * dim;
         memset(sb, 0, dim * sizeof(float));
 #pragma omp parallel num_threads(threads)
         {
-            const int n = omp_get_num_threads(), id = omp_get_thread_num();
-            const long c0 = blocks * id / n * W, c1 = blocks * (id + 1) / n * W < dim ? blocks * (id + 1) / n * W : dim;
+            long c0, c1;
+            thread_channels(dim, &c0, &c1);
             for (long p = 0; p < pixels; p++) {
                 float *row = xb + p * dim;
 #define SQUARES_DOWN(c, w)                                                                           \
