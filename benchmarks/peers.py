@@ -5,11 +5,14 @@
 One process prints, in this order:
 
 1. the machine's fp32 matmul rate (a square GEMM of ``--matmul-size``, best of ``--repeats``);
-2. every model's inference img/s at batch 1 and 8 and training img/s at batch 8 (224 px; a step
-   is forward, a loss on every returned level, backward, SGD), all models timed round-robin in
-   one loop (``benchmarks/timing.py``), the matmul rate again, with a warning when it moved by more
-   than 15% (another process took the machine during the run: its ratios are not to be read), and
-   each model's share of the matmul rate (the higher of the two) in inference (FLOPs per image from
+2. every model's inference img/s at batch 1 and 8, all models timed round-robin in one loop
+   (``benchmarks/timing.py``), and training img/s at batch 8 (224 px; a step is forward, a loss
+   on every returned level, backward, SGD), each pair with a training target round-robin in its
+   own loop (a round of Vim-Ti and DeiT-Ti, whose ratio has the thinnest margin, takes about
+   2.5 s, one of all four trained models 10 s: 8 rounds in ``--min-seconds`` instead of 5),
+   the matmul rate again, with a warning when it moved by more than 15% (another process took
+   the machine during the run: its ratios are not to be read), and each model's share of the
+   matmul rate (the higher of the two) in inference (FLOPs per image from
    ``arena.bench.count_flops`` x img/s / matmul rate);
 3. the ratios of each pair with the target each must reach: vim_tiny / timm deit_tiny,
    vmamba_tiny / swin_tiny and / convnext_tiny, unireplknet_t (deploy form) / convnext_tiny;
@@ -61,7 +64,6 @@ MODELS = {
     "convnext_tiny": ("convnext_tiny", {}),
     "unireplknet_t deploy": ("unireplknet_t", {"deploy": True}),
 }
-TRAINED = ("vim_tiny", "deit_tiny", "vmamba_tiny", "swin_tiny")  # the pairs with a training target
 # (model, peer, inference target, training target or None)
 PAIRS = [
     ("vim_tiny", "deit_tiny", 0.5, 0.5),
@@ -186,10 +188,12 @@ def main() -> None:
     for b in (1, batch):
         t = time_interleaved({k: inference_step(m, x[b]) for k, m in models.items()}, repeats, min_seconds=min_seconds)
         img_s[f"infer {b}"] = {k: b / s for k, s in t.items()}
-    for k in TRAINED:
-        models[k].train()
-    t = time_interleaved({k: training_step(models[k], x[batch]) for k in TRAINED}, repeats, min_seconds=min_seconds)
-    img_s[f"train {batch}"] = {k: batch / s for k, s in t.items()}
+    img_s[f"train {batch}"] = {}
+    for pair in [(model, peer) for model, peer, _, train_target in PAIRS if train_target is not None]:
+        for k in pair:
+            models[k].train()
+        t = time_interleaved({k: training_step(models[k], x[batch]) for k in pair}, repeats, min_seconds=min_seconds)
+        img_s[f"train {batch}"].update({k: batch / s for k, s in t.items()})
     rate_after = matmul_rate(args.matmul_size, max(repeats, 3))
     print(f"fp32 matmul after the {args.size} px timings: {rate_after / 1e9:.1f} GFLOP/s")
     if abs(rate_after / rate - 1) > DRIFT:

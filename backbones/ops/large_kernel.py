@@ -60,19 +60,20 @@ def tuned_strategy(x: torch.Tensor, weight: torch.Tensor, dilation: int = 1, bia
     ``autotune.fastest`` on the first call of each shape (batch and pixel count rounded up to powers of
     two). Kernels above ``CPU_NCHW_MAX_KERNEL`` are not timed in NCHW; 'plain' is the default where
     nothing is timed ('channels_last' above that size)."""
-    return _tuned(x, weight, dilation, _compiled_kernel(x, weight, bias, dilation))
+    return _tuned(x, weight, dilation, _compiled_kernel(x, weight, bias, dilation), lambda: conv_taps(weight))
 
 
-def _tuned(x: torch.Tensor, weight: torch.Tensor, dilation: int, lib: ctypes.CDLL | None) -> str:
-    """``tuned_strategy`` with the compiled library ``lib`` a candidate where not None."""
+def _tuned(x: torch.Tensor, weight: torch.Tensor, dilation: int, lib: ctypes.CDLL | None,
+           taps: Callable[[], torch.Tensor]) -> str:
+    """``tuned_strategy`` with the compiled library ``lib`` a candidate where not None, ``taps()`` its weight
+    (called only when the candidates are timed: once per shape)."""
     xd, wd = x.detach(), weight.detach()
     runs = {s: (lambda s=s: _layout_conv(xd, wd, None, dilation, s)) for s in ("plain", "channels_last")}
     if weight.shape[-1] > CPU_NCHW_MAX_KERNEL:
         del runs["plain"]
     if lib is not None:
-        taps = conv_taps(weight)
         runs["compiled"] = lambda s="compiled": scan_cpu.depthwise_conv(
-            lib, xd.contiguous(memory_format=torch.channels_last), taps)
+            lib, xd.contiguous(memory_format=torch.channels_last), taps())
     if len(runs) == 1:
         return next(iter(runs))
     b, c, h, w = x.shape
@@ -113,7 +114,7 @@ def _depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         return _same_conv(x, weight, bias, dilation), None
     lib = _compiled_kernel(x, weight, bias, dilation) if strategy in (None, "compiled") else None
     if strategy is None:
-        strategy = _tuned(x, weight, dilation, lib)
+        strategy = _tuned(x, weight, dilation, lib, taps)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES} or None, got {strategy!r}")
     if strategy == "fft":
