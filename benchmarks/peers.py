@@ -15,7 +15,11 @@ One process prints, in this order:
    matmul rate (the higher of the two) in inference (FLOPs per image from
    ``arena.bench.count_flops`` x img/s / matmul rate);
 3. the ratios of each pair with the target each must reach: vim_tiny / timm deit_tiny,
-   vmamba_tiny / swin_tiny and / convnext_tiny, unireplknet_t (deploy form) / convnext_tiny;
+   vmamba_tiny / swin_tiny and / convnext_tiny, unireplknet_t (deploy form) / convnext_tiny, and
+   the ratio each pair would have at equal FLOP/s (the peer's FLOPs over the model's): how
+   efficient the model must be against its peer to reach the target (Vim-Ti counts 1.7x
+   DeiT-Ti's FLOPs: 0.5x needs 85% of DeiT-Ti's FLOP rate; UniRepLKNet-T 1.1x ConvNeXt-T's:
+   0.9x needs 99%);
 4. Vim-Ti vs DeiT-Ti at 1024 px, batch 1: time (timed like the above) and peak memory (the
    resident-set rise of one pass, measured by ``benchmarks/resolution_scaling.py`` in a child
    process);
@@ -214,11 +218,12 @@ def main() -> None:
             cells.append("-" if v is None else f"{v:.2f}{share}")
         print(f"{k:<22}{flops[k] / 1e9:>8.2f}" + "".join(f"{c:>20}" for c in cells))
     print()
-    print(f"{'ratio':<36}" + "".join(f"{c:>24}" for c in cols))
+    print(f"{'ratio':<36}" + "".join(f"{c:>24}" for c in cols) + f"{'at equal FLOP/s':>18}")
     for model, peer, infer_target, train_target in PAIRS:
         cells = [ratio_cell(img_s[c][model] / img_s[c][peer], infer_target if c.startswith("infer") else train_target)
                  if model in img_s[c] and peer in img_s[c] else "-" for c in cols]
-        print(f"{model + ' / ' + peer:<36}" + "".join(f"{c:>24}" for c in cells))
+        parity = f"{flops[peer] / flops[model]:.2f}"  # the ratio if both ran their FLOPs at the same rate
+        print(f"{model + ' / ' + peer:<36}" + "".join(f"{c:>24}" for c in cells) + f"{parity:>18}")
     shares = {k: flops[k] * img_s[f"infer {batch}"][k] / rate for k in NATIVE}
     print(f"native models at >= {SHARE_TARGET:.0%} of the matmul rate, inference batch {batch}: "
           + ", ".join(f"{k} {v:.0%} {'ok' if v >= SHARE_TARGET else 'MISS'}" for k, v in shares.items()))
