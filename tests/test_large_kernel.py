@@ -123,13 +123,14 @@ def test_tuned_strategy_times_the_candidates_once_per_shape(monkeypatch, fastest
 @pytest.mark.skipif(scan_cpu.kernel() is None, reason="needs the compiled CPU kernels (a C compiler)")
 def test_depthwise_module_transposes_its_taps_once_per_weight_version(monkeypatch) -> None:
     """The compiled kernel's [k * k, C] taps are made once per weight version (the timed candidate takes the
-    module's cached ones): not on every forward (a strided copy of the weight per block, about 1% of UniRepLKNet-T's batch-1 forward)."""
+    module's cached ones): not on every forward (a strided copy of the weight per block, about 1% of
+    UniRepLKNet-T's batch-1 forward)."""
     from backbones.ops import large_kernel
 
     monkeypatch.setattr(autotune, "_PICKS", {})
     monkeypatch.setattr(autotune, "_seconds", lambda fn: (fn(), 1.0 if fn.__defaults__[0] == "compiled" else 2.0)[1])
-    made = []
-    monkeypatch.setattr(large_kernel, "conv_taps", lambda w: made.append(1) or w.detach().flatten(1).t().contiguous())
+    made, conv_taps = [], large_kernel.conv_taps
+    monkeypatch.setattr(large_kernel, "conv_taps", lambda w: made.append(1) or conv_taps(w))
     m = DepthwiseConv2d(16, 13, bias=True)
     x = torch.randn(1, 16, 14, 14)
     with torch.no_grad():
