@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,10 +23,13 @@ from eval import evaluate
 from train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-# 4 steps an epoch, 2 epochs; deterministic so that a resumed run can be compared number for number
+# 4 steps an epoch, 3 epochs; deterministic so that a resumed run can be compared number for number. Loader
+# workers draw the fresh scenes and flips, the head's dropout draws in the main process, and the resumed run
+# crosses an epoch end (validation, a new shuffle) before the last epoch.
 RUN = ["backbone=convnext_test", "data.num_train=32", "data.num_val=8", "data.num_test=8", "data.batch_size=8",
-       "data.image_size=32", "data.num_workers=0", "trainer.max_epochs=2", "trainer.deterministic=true"]
-STEPS, STOP_AT, EVERY = 8, 6, 5  # interrupted in epoch 1; the step checkpoint before it is step 5
+       "data.image_size=32", "data.num_workers=2", "task.module.dropout=0.2", "trainer.max_epochs=3",
+       "trainer.deterministic=true"]
+STEPS, STOP_AT, EVERY = 12, 6, 5  # interrupted in epoch 1; the step checkpoint before it is step 5
 EXIT = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT, signal.SIGKILL: -signal.SIGKILL}
 
 
@@ -259,3 +264,50 @@ def test_resumable_loader_continues_mid_epoch() -> None:
     assert sorted(torch.cat(seen + rest).tolist()) == list(range(20))
     second.sampler.set_epoch(2)
     assert [b.tolist() for b in second] != [b.tolist() for b in seen + rest]  # a new epoch, a new order
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Items that draw from torch's, NumPy's and Python's generators, as augmentations do."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([index, torch.rand(()).item(), np.random.rand(), random.random()], dtype=torch.float64)
+
+
+def _epochs(loader, *epochs: int) -> list[torch.Tensor]:
+    batches = []
+    for epoch in epochs:
+        loader.sampler.set_epoch(epoch)
+        batches += list(loader)
+    return batches
+
+
+def test_resumable_loader_with_workers_redraws_the_same_augmentations() -> None:
+    """A worker's generators advance with every sample it loads; an epoch resumed midway by a new set of
+    workers (here of another size) must still give every sample the draws it had in the uninterrupted run."""
+    from arena.data.resumable import ResumableLoader
+
+    torch.manual_seed(0)
+    first = ResumableLoader(_Augmented(), batch_size=4, num_workers=2, persistent_workers=True)
+    _epochs(first, 0)  # the workers' generators have moved on
+    first.sampler.set_epoch(1)
+    it = iter(first)
+    seen = [next(it) for _ in range(3)]
+    state = first.state_dict()
+    rest = list(it)
+    torch.manual_seed(123)
+    second = ResumableLoader(_Augmented(), batch_size=4, num_workers=1)
+    second.load_state_dict(state)
+    resumed = _epochs(second, 1)
+    assert len(resumed) == len(rest) == 3
+    for got, want in zip(resumed, rest):
+        assert torch.equal(got, want)
+    epoch_1 = torch.cat(seen + rest)
+    assert sorted(epoch_1[:, 0].tolist()) == list(range(24))
+    draws = epoch_1[:, 1:]
+    assert len(set(draws.flatten().tolist())) == draws.numel()  # every sample and generator draws anew
+    # the epoch seeds the draws: a sample's epoch-2 draws differ from its epoch-1 ones
+    epoch_2 = torch.cat(_epochs(second, 2))
+    assert not torch.equal(epoch_2[epoch_2[:, 0].argsort(), 1:], epoch_1[epoch_1[:, 0].argsort(), 1:])

@@ -139,7 +139,11 @@ class ArenaDataModule(L.LightningDataModule):
                       drop_last=shuffle and self.task != "detection" and len(self.datasets[split]) > self.batch_size)
         if shuffle and not distributed:
             return ResumableLoader(self.datasets[split], **kwargs)
-        return DataLoader(self.datasets[split], shuffle=shuffle, **kwargs)
+        # An iterator draws its workers' seed from ``generator``, torch's global one if None. Persistent workers
+        # make theirs once per process, which a resumed process does at another step than the run it continues:
+        # that draw would shift every later random draw of the training, so eval loaders bring their own.
+        own = torch.Generator() if not shuffle and self.num_workers > 0 else None
+        return DataLoader(self.datasets[split], shuffle=shuffle, generator=own, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
