@@ -142,7 +142,7 @@ class ArenaDataModule(L.LightningDataModule):
         # An iterator draws its workers' seed from ``generator``, torch's global one if None. Persistent workers
         # make theirs once per process, which a resumed process does at another step than the run it continues:
         # that draw would shift every later random draw of the training, so eval loaders bring their own.
-        own = torch.Generator() if not shuffle and self.num_workers > 0 else None
+        own = torch.Generator() if kwargs["persistent_workers"] and not shuffle else None
         return DataLoader(self.datasets[split], shuffle=shuffle, generator=own, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
