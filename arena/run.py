@@ -99,6 +99,10 @@ def quiet_known_noise() -> None:
 
 def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
     """Instantiate everything a run needs from its composed config."""
+    if cfg.trainer.get("use_distributed_sampler", False):
+        raise ValueError("trainer.use_distributed_sampler=true would shard the data twice under DDP: the data "
+                         "module's loaders shard it themselves (so that a resumed run continues mid-epoch); "
+                         "drop the override")
     quiet_known_noise()
     if cfg.get("keep_freed_memory", True):
         keep_freed_memory()
@@ -114,7 +118,8 @@ def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     trainer: L.Trainer = instantiate(resolve_sync_batchnorm(cfg.trainer), callbacks=callbacks,
-                                     logger=loggers or False, plugins=[SafeCheckpointIO()])
+                                     logger=loggers or False, plugins=[SafeCheckpointIO()],
+                                     use_distributed_sampler=False)
     check_launch(trainer)
     return Run(cfg, backbone, datamodule, module, trainer, run_dir)
 
@@ -432,12 +437,22 @@ class LastCheckpoint(ModelCheckpoint):
         # Lightning loads the training loader's saved position only when it makes the loader after restoring the
         # loops; ``estimated_stepping_batches`` (the LR schedule) made it before, so load it now, before its first batch
         trainer.fit_loop._load_combined_loader_states()
-        if self._rng_to_restore is not None:
-            _set_rng_states(self._rng_to_restore)
-            self._rng_to_restore = None
+        saved, self._rng_to_restore = self._rng_to_restore, None
+        if isinstance(saved, list) and len(saved) != trainer.world_size:
+            log.warning("%s was saved by %d processes and resumes on %d: the random draws of the resumed run "
+                        "follow the seed, not those of the interrupted one", self.path, len(saved),
+                        trainer.world_size)
+        elif saved is not None:
+            _set_rng_states(saved[trainer.global_rank] if isinstance(saved, list) else saved)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rng_states": _rng_states()}
+        """Lightning's state and every process's random generator states (each process draws its own)."""
+        states = _rng_states()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, states)  # every process saves: checkpoints are collective
+            states = gathered
+        return {**super().state_dict(), "rng_states": states}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._rng_to_restore = state_dict.get("rng_states")

@@ -69,13 +69,11 @@ def _wait_until_held(proc: subprocess.Popen, flag: Path) -> None:
     assert flag.exists(), proc.communicate()[0][-3000:]
 
 
-# SIGINT's save and resume run by default in test_ctrl_c_in_a_terminal_with_loader_workers; its
-# same-result case here under -m slow (each case ~19 s on 2 cores: two train.py processes)
-@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGKILL],
-                         ids=lambda s: s.name)
-def test_interrupted_run_resumes_to_the_same_result(reference: dict, tmp_path: Path, sig: signal.Signals) -> None:
-    run_dir, flag = tmp_path / "run", tmp_path / "held"
-    proc = _train_py(*RUN, f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false",
+def _interrupt_and_resume(run_dir: Path, args: list[str], sig: signal.Signals, resume: list[str]) -> dict:
+    """``train.py *args`` held at step ``STOP_AT`` and stopped by ``sig``, then ``train.py ckpt_path=last *resume``:
+    the resumed run's record."""
+    flag = run_dir.parent / "held"
+    proc = _train_py(*args, f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false",
                      f"callbacks.model_checkpoint.every_n_train_steps={EVERY}",
                      "+callbacks.hold._target_=tests.signal_hook.HoldAtStep", f"+callbacks.hold.step={STOP_AT}",
                      f"+callbacks.hold.flag={flag}")
@@ -89,16 +87,42 @@ def test_interrupted_run_resumes_to_the_same_result(reference: dict, tmp_path: P
     if sig != signal.SIGKILL:
         assert "Resume with: python train.py ckpt_path=last" in out
 
-    resumed = _train_py("ckpt_path=last", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false")
+    resumed = _train_py("ckpt_path=last", *resume, f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false")
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out[-3000:]
     assert f"at global step {saved} " in out
     assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == STEPS
-    record = json.loads((run_dir / RECORD_NAME).read_text())
-    assert record["config_hash"] == reference["config_hash"]
-    assert record["metrics"] == reference["metrics"]  # bit for bit: same batches, same order, same random draws
     log = (run_dir / "train.log").read_text()
     assert f"at global step {saved} " in log and "run directory:" in log
+    return json.loads((run_dir / RECORD_NAME).read_text())
+
+
+# SIGINT's save and resume run by default in test_ctrl_c_in_a_terminal_with_loader_workers; its
+# same-result case here under -m slow (each case ~19 s on 2 cores: two train.py processes)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGKILL],
+                         ids=lambda s: s.name)
+def test_interrupted_run_resumes_to_the_same_result(reference: dict, tmp_path: Path, sig: signal.Signals) -> None:
+    record = _interrupt_and_resume(tmp_path / "run", RUN, sig, resume=[])
+    assert record["config_hash"] == reference["config_hash"]
+    assert record["metrics"] == reference["metrics"]  # bit for bit: same batches, same order, same random draws
+
+
+# two gloo processes; no loader workers, so each process's main generators draw the samples' scenes and flips
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+DDP_RUN = [*RUN, "data.batch_size=4", "data.num_workers=0", "+data.fresh_train=false", *DDP]  # 4 steps an epoch
+
+
+def test_interrupted_ddp_run_resumes_to_the_same_result(tmp_path: Path) -> None:
+    """Each process trains on its shard of one order and draws its own samples; SIGTERM to rank 0 (Lightning
+    passes it on) saves the step, and the run resumed on two processes (a checkpoint does not choose the
+    hardware: the command names it again) ends where the uninterrupted one does."""
+    reference = _train_py(*DDP_RUN, f"hydra.run.dir={tmp_path / 'reference'}", "trainer.enable_progress_bar=false")
+    out = reference.communicate(timeout=300)[0]
+    assert reference.returncode == 0, out[-3000:]
+    want = json.loads((tmp_path / "reference" / RECORD_NAME).read_text())
+    record = _interrupt_and_resume(tmp_path / "run", DDP_RUN, signal.SIGTERM, resume=DDP)
+    assert record["config_hash"] == want["config_hash"]
+    assert record["metrics"] == want["metrics"]
 
 
 def test_ctrl_c_in_a_terminal_with_loader_workers(tmp_path: Path) -> None:
@@ -311,3 +335,89 @@ def test_resumable_loader_with_workers_redraws_the_same_augmentations() -> None:
     # the epoch seeds the draws: a sample's epoch-2 draws differ from its epoch-1 ones
     epoch_2 = torch.cat(_epochs(second, 2))
     assert not torch.equal(epoch_2[epoch_2[:, 0].argsort(), 1:], epoch_1[epoch_1[:, 0].argsort(), 1:])
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_epoch_sampler_shards_one_order(processes: int) -> None:
+    """As torch's DistributedSampler: one order padded with its head to a multiple of the processes, dealt out."""
+    from arena.data.resumable import EpochSampler
+
+    shards = [EpochSampler(10, seed=7, num_replicas=processes, rank=r) for r in range(processes)]
+    for s in shards:
+        s.set_epoch(3)
+    dealt = [list(s) for s in shards]
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(7 + 3)).tolist()
+    padded = (order + order)[:len(dealt[0]) * processes]
+    assert [len(d) for d in dealt] == [len(s) for s in shards] == [-(-10 // processes)] * processes
+    assert [i for batch in zip(*dealt) for i in batch] == padded
+    with pytest.raises(ValueError, match="rank must be in"):
+        EpochSampler(10, seed=7, num_replicas=2, rank=2)
+
+
+def _ranks(processes: int, **kwargs) -> list:
+    from arena.data.resumable import ResumableLoader
+
+    return [ResumableLoader(list(range(20)), seed=5, num_replicas=processes, rank=r, batch_size=2, drop_last=True,
+                            **kwargs) for r in range(processes)]
+
+
+def test_resumable_loader_resumes_a_ddp_epoch_on_as_many_or_other_processes() -> None:
+    """Two processes stopped after two batches each have trained on the first 8 samples of the epoch's order;
+    resumed on two they serve the batches they had left, on three the 12 other samples (padded with the head)."""
+    first = _ranks(2)
+    iters = [iter(loader) for loader in first]
+    seen = [torch.cat([next(it), next(it)]).tolist() for it in iters]
+    states = [loader.state_dict() for loader in first]
+    assert states[0] == states[1] and states[0]["done"] == 8 and not states[0]["finished"]
+    rest = [[b.tolist() for b in it] for it in iters]
+
+    again = _ranks(2)
+    for loader in again:
+        loader.load_state_dict(states[0])
+    assert [[b.tolist() for b in loader] for loader in again] == rest
+    assert again[0].state_dict()["finished"]
+
+    three = _ranks(3)
+    for loader in three:
+        loader.load_state_dict(states[0])
+    left = [i for loader in three for b in loader for i in b.tolist()]
+    assert len(left) == 12 and set(left) == set(range(20)) - set(seen[0] + seen[1])
+
+
+def test_resumable_loader_reads_a_one_process_state_of_earlier_versions() -> None:
+    loader = _ranks(1)[0]
+    loader.load_state_dict({"seed": 5, "epoch": 0, "served": 3})  # 3 batches of 2 served
+    assert len(list(loader)) == 7
+    loader.load_state_dict({"seed": 5, "epoch": 0, "served": 10})  # the epoch was over
+    assert loader.sampler.epoch == 1 and loader.sampler.start == 0
+
+
+def _augmented(*, processes: int, rank: int, num_workers: int = 0):
+    from arena.data.resumable import ResumableLoader
+
+    return ResumableLoader(_Augmented(), seed=3, num_replicas=processes, rank=rank, batch_size=4,
+                           num_workers=num_workers)
+
+
+def test_ddp_samples_draw_by_index_and_leave_the_main_generators() -> None:
+    """Under DDP every process's generators are seeded alike: without per-sample seeds both would draw the same
+    scenes and flips. In the main process (no workers) the training's own draws go on as if nothing drew."""
+    torch.manual_seed(0)
+    ranks = [_augmented(processes=2, rank=r) for r in (0, 1)]
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    draws = [torch.cat(list(loader)) for loader in ranks]
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[2]
+    assert np.array_equal(np.random.get_state()[1], before[1])
+    assert set(draws[0][:, 1].tolist()).isdisjoint(draws[1][:, 1].tolist())
+    # a sample's draws are a function of (seed, epoch, index): the same with loader workers on one process
+    with_workers = torch.cat(list(_augmented(processes=1, rank=0, num_workers=1)))
+    by_index = {int(row[0]): row[1:] for row in with_workers}
+    for row in torch.cat(draws):
+        assert torch.equal(row[1:], by_index[int(row[0])])
+
+
+def test_trainer_may_not_shard_the_data_again(make_cfg) -> None:
+    from arena.run import build_run
+
+    with pytest.raises(ValueError, match="use_distributed_sampler=true would shard the data twice"):
+        build_run(make_cfg("backbone=convnext_test", "+trainer.use_distributed_sampler=true"), "unused")

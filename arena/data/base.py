@@ -7,6 +7,7 @@ interpolation, crop) so real data is fed the way the backbone expects.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import signal
@@ -17,12 +18,12 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from backbones._features import IMAGENET_MEAN, IMAGENET_STD
 
 from .checks import DataCheck
-from .resumable import ResumableLoader
+from .resumable import ResumableLoader, draw_seed
 
 SPLITS = ("train", "val", "test")
 NAME_RULE = "letters, digits and _ . + -, starting with a letter or digit"
@@ -129,21 +130,25 @@ class ArenaDataModule(L.LightningDataModule):
         self.setup()
         if split not in self.datasets:  # a split outside checked_splits (OOD set, kNN bank), built when asked for
             self.datasets[split] = self.make_dataset(split)
-        # a shuffled loader resumes mid-epoch on one device; under DDP Lightning puts its own
-        # DistributedSampler into a plain loader, whose position within an epoch is not restored
-        distributed = self.trainer is not None and self.trainer.world_size > 1
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+        # Under DDP the loaders shard themselves (the trainer runs with use_distributed_sampler=False): the
+        # training loader so that it resumes mid-epoch, the others as Lightning would (torch's DistributedSampler)
+        trainer = self.trainer
+        processes, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        dataset = self.datasets[split]
         kwargs = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate_fn,
                       persistent_workers=self.num_workers > 0,
                       worker_init_fn=functools.partial(_init_worker, rank=rank) if self.num_workers > 0 else None,
-                      drop_last=shuffle and self.task != "detection" and len(self.datasets[split]) > self.batch_size)
-        if shuffle and not distributed:
-            return ResumableLoader(self.datasets[split], **kwargs)
+                      drop_last=shuffle and self.task != "detection"
+                      and math.ceil(len(dataset) / processes) > self.batch_size)
+        if shuffle:
+            seed = draw_seed() if processes == 1 else trainer.strategy.broadcast(draw_seed())  # one order for all
+            return ResumableLoader(dataset, seed=seed, num_replicas=processes, rank=rank, **kwargs)
+        sampler = DistributedSampler(dataset, processes, rank, shuffle=False) if processes > 1 else None
         # An iterator draws its workers' seed from ``generator``, torch's global one if None. Persistent workers
         # make theirs once per process, which a resumed process does at another step than the run it continues:
         # that draw would shift every later random draw of the training, so eval loaders bring their own.
-        own = torch.Generator() if kwargs["persistent_workers"] and not shuffle else None
-        return DataLoader(self.datasets[split], shuffle=shuffle, generator=own, **kwargs)
+        own = torch.Generator() if kwargs["persistent_workers"] else None
+        return DataLoader(dataset, sampler=sampler, generator=own, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
