@@ -31,7 +31,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     run = build_run(cfg, run_dir)
     run.module.arena_overrides = trained_overrides(overrides or [])
     if run.module.trains:
-        fit(run, ckpt_path)
+        fit(run, ckpt_path, overrides or [])
     run_test(run)
     ckpt = Path(run_dir) / "checkpoints" / "last.ckpt"
     return finish_run(run, stage="train", checkpoint=str(ckpt) if ckpt.exists() else None)

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import re
+import shlex
 import signal
 import time
 import warnings
@@ -383,7 +384,8 @@ class LastCheckpoint(ModelCheckpoint):
     ``every_n_train_steps`` optimizer steps when set, and when SIGTERM or SIGINT stops the run.
 
     A signal is acted on between steps (Lightning's SIGTERM path: SIGINT is routed to it too), so
-    the saved state is a whole step; a second SIGINT stops at once without saving. The checkpoint
+    the saved state is a whole step, the same step on every process under DDP; a second SIGINT
+    stops at once without saving. The checkpoint
     carries the random generators' states, restored when training resumes, and the training
     loader's position (``arena.data.resumable``), so a resumed deterministic run takes the same
     steps as an uninterrupted one. ``stopped_by`` is the signal that stopped the run, if any.
@@ -424,12 +426,13 @@ class LastCheckpoint(ModelCheckpoint):
         lightning_sigterm = signal.getsignal(signal.SIGTERM)
 
         def stop(signum: int, frame: Any) -> None:
-            if self.stopped_by == signal.SIGINT and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl+C: stop now
+            if self.stopped_by == signal.SIGINT and signum == signal.SIGINT and trainer.global_rank == 0:
+                raise KeyboardInterrupt  # a second Ctrl+C: stop now (Lightning then ends the other processes)
+            if self.stopped_by is None:
+                log.warning("received %s: saving %s after this step, then stopping", signal.Signals(signum).name,
+                            self.path)
             self.stopped_by = self.stopped_by or signum
-            log.warning("received %s: saving %s after this step, then stopping", signal.Signals(signum).name,
-                        self.path)
-            if callable(lightning_sigterm):
+            if trainer.world_size == 1 and callable(lightning_sigterm):
                 lightning_sigterm(signum, frame)
 
         signal.signal(signal.SIGTERM, stop)
@@ -445,6 +448,25 @@ class LastCheckpoint(ModelCheckpoint):
         elif saved is not None:
             _set_rng_states(saved[trainer.global_rank] if isinstance(saved, list) else saved)
 
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.world_size > 1:
+            self._agree_to_stop(trainer)
+        super().on_train_batch_end(trainer, *args)
+
+    def _agree_to_stop(self, trainer: L.Trainer) -> None:
+        """Stop every process after this step when any got a signal.
+
+        Processes get signals apart (a terminal's Ctrl-C reaches all, ``kill`` one, Lightning's handler
+        passes it on) and at different points of a step, where Lightning's handler would start a
+        collective that the others meet inside another one. So a signal is only noted, and the processes
+        agree here, at the same point of every step.
+        """
+        noted = torch.tensor([self.stopped_by or 0], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(noted, op=torch.distributed.ReduceOp.MAX)
+        if noted.item():
+            self.stopped_by = self.stopped_by or int(noted.item())
+            trainer._signal_connector.received_sigterm = True  # Lightning stops after this step, as for SIGTERM
+
     def state_dict(self) -> dict[str, Any]:
         """Lightning's state and every process's random generator states (each process draws its own)."""
         states = _rng_states()
@@ -459,8 +481,16 @@ class LastCheckpoint(ModelCheckpoint):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "rng_states"})
 
 
-def fit(run: Run, ckpt_path: str | None) -> None:
-    """``trainer.fit``, resuming from ``ckpt_path``; a run stopped by a signal exits with 128 + its number."""
+def resume_command(run_dir: str | Path, overrides: Sequence[str]) -> str:
+    """The command that resumes a run of ``overrides``: those a checkpoint does not keep (the hardware,
+    loggers, callbacks) are given again."""
+    again = [o for o in overrides if checkpoint_refusal(o) is not None and not o.startswith(("hydra.", "ckpt_path="))]
+    return shlex.join(["python", "train.py", "ckpt_path=last", *again, f"hydra.run.dir={run_dir}"])
+
+
+def fit(run: Run, ckpt_path: str | None, overrides: Sequence[str] = ()) -> None:
+    """``trainer.fit``, resuming from ``ckpt_path``; a run stopped by a signal exits with 128 + its number and
+    logs the command that resumes it (``overrides``: the run's command line)."""
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
         checked_overrides(ckpt, ckpt_path)
@@ -473,6 +503,6 @@ def fit(run: Run, ckpt_path: str | None) -> None:
         last = next((cb for cb in run.trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
         signum = (last.stopped_by if last else None) or signal.SIGTERM
         saved = f"saved {last.path}" if last and last.path.is_file() else "no checkpoint was saved"
-        log.error("stopped by %s at global step %d; %s. Resume with: python train.py ckpt_path=last "
-                  "hydra.run.dir=%s", signal.Signals(signum).name, run.trainer.global_step, saved, run.run_dir)
+        log.error("stopped by %s at global step %d; %s. Resume with: %s", signal.Signals(signum).name,
+                  run.trainer.global_step, saved, resume_command(run.run_dir, overrides))
         raise SystemExit(128 + signum) from None

@@ -69,23 +69,29 @@ def _wait_until_held(proc: subprocess.Popen, flag: Path) -> None:
     assert flag.exists(), proc.communicate()[0][-3000:]
 
 
-def _interrupt_and_resume(run_dir: Path, args: list[str], sig: signal.Signals, resume: list[str]) -> dict:
-    """``train.py *args`` held at step ``STOP_AT`` and stopped by ``sig``, then ``train.py ckpt_path=last *resume``:
-    the resumed run's record."""
+def _interrupt_and_resume(run_dir: Path, args: list[str], sig: signal.Signals, resume: list[str], *,
+                          group: bool = False) -> dict:
+    """``train.py *args`` held at step ``STOP_AT`` and stopped by ``sig`` (to its whole process group, as a
+    terminal sends Ctrl-C, with ``group``), then ``train.py ckpt_path=last *resume``: the resumed run's record."""
     flag = run_dir.parent / "held"
     proc = _train_py(*args, f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false",
                      f"callbacks.model_checkpoint.every_n_train_steps={EVERY}",
                      "+callbacks.hold._target_=tests.signal_hook.HoldAtStep", f"+callbacks.hold.step={STOP_AT}",
-                     f"+callbacks.hold.flag={flag}")
+                     f"+callbacks.hold.flag={flag}", start_new_session=group)
     _wait_until_held(proc, flag)
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == EXIT[sig], out[-3000:]
     saved = STOP_AT if sig != signal.SIGKILL else EVERY  # SIGKILL leaves the last step checkpoint
     assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == saved
     assert not (run_dir / RECORD_NAME).exists()
-    if sig != signal.SIGKILL:
-        assert "Resume with: python train.py ckpt_path=last" in out
+    if sig != signal.SIGKILL:  # the command printed names again what the checkpoint does not keep
+        hint = next(line for line in out.splitlines() if "Resume with: " in line).split("Resume with: ")[1]
+        assert hint.startswith("python train.py ckpt_path=last") and hint.endswith(f"hydra.run.dir={run_dir}")
+        assert set(resume) <= set(hint.split())
 
     resumed = _train_py("ckpt_path=last", *resume, f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false")
     out = resumed.communicate(timeout=300)[0]
@@ -108,21 +114,34 @@ def test_interrupted_run_resumes_to_the_same_result(reference: dict, tmp_path: P
 
 
 # two gloo processes; no loader workers, so each process's main generators draw the samples' scenes and flips
-DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
-DDP_RUN = [*RUN, "data.batch_size=4", "data.num_workers=0", "+data.fresh_train=false", *DDP]  # 4 steps an epoch
+HARDWARE = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]  # a checkpoint keeps the precision
+DDP_RUN = [*RUN, "data.batch_size=4", "data.num_workers=0", "+data.fresh_train=false", *HARDWARE,
+           "trainer.precision=32-true"]  # 4 steps an epoch
 
 
-def test_interrupted_ddp_run_resumes_to_the_same_result(tmp_path: Path) -> None:
-    """Each process trains on its shard of one order and draws its own samples; SIGTERM to rank 0 (Lightning
-    passes it on) saves the step, and the run resumed on two processes (a checkpoint does not choose the
-    hardware: the command names it again) ends where the uninterrupted one does."""
-    reference = _train_py(*DDP_RUN, f"hydra.run.dir={tmp_path / 'reference'}", "trainer.enable_progress_bar=false")
-    out = reference.communicate(timeout=300)[0]
-    assert reference.returncode == 0, out[-3000:]
-    want = json.loads((tmp_path / "reference" / RECORD_NAME).read_text())
-    record = _interrupt_and_resume(tmp_path / "run", DDP_RUN, signal.SIGTERM, resume=DDP)
-    assert record["config_hash"] == want["config_hash"]
-    assert record["metrics"] == want["metrics"]
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory) -> dict:
+    """An uninterrupted run of ``DDP_RUN``: its record."""
+    run_dir = tmp_path_factory.mktemp("ddp") / "reference"
+    proc = _train_py(*DDP_RUN, f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false")
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    return json.loads((run_dir / RECORD_NAME).read_text())
+
+
+# Ctrl-C reaches every process (before the processes agreed on when to stop, rank 1 also got rank 0's copy
+# of it, took it for a second Ctrl-C and died); SIGTERM reaches rank 0 alone, under -m slow (~25 s each)
+@pytest.mark.parametrize(("sig", "group"), [(signal.SIGINT, True),
+                                            pytest.param(signal.SIGTERM, False, marks=pytest.mark.slow)],
+                         ids=["ctrl_c_to_all", "sigterm_to_rank_0"])
+def test_interrupted_ddp_run_resumes_to_the_same_result(ddp_reference: dict, tmp_path: Path, sig: signal.Signals,
+                                                        group: bool) -> None:
+    """Each process trains on its shard of one order and draws its own samples; the processes stop after the
+    same step, and the run resumed on two processes (a checkpoint does not choose the hardware: the command
+    names it again) ends where the uninterrupted one does."""
+    record = _interrupt_and_resume(tmp_path / "run", DDP_RUN, sig, resume=HARDWARE, group=group)
+    assert record["config_hash"] == ddp_reference["config_hash"]
+    assert record["metrics"] == ddp_reference["metrics"]
 
 
 def test_ctrl_c_in_a_terminal_with_loader_workers(tmp_path: Path) -> None:
@@ -421,3 +440,12 @@ def test_trainer_may_not_shard_the_data_again(make_cfg) -> None:
 
     with pytest.raises(ValueError, match="use_distributed_sampler=true would shard the data twice"):
         build_run(make_cfg("backbone=convnext_test", "+trainer.use_distributed_sampler=true"), "unused")
+
+
+def test_resume_command_names_again_what_a_checkpoint_does_not_keep() -> None:
+    from arena.run import resume_command
+
+    overrides = ["backbone=convnext_test", "trainer=ddp", "trainer.devices=2", "trainer.precision=32-true",
+                 "logger=wandb", "hydra.run.dir=old", "ckpt_path=x.ckpt", "+callbacks.x.note=a b"]
+    assert resume_command("runs/r 1", overrides) == ("python train.py ckpt_path=last trainer=ddp trainer.devices=2 "
+                                                     "logger=wandb '+callbacks.x.note=a b' 'hydra.run.dir=runs/r 1'")
