@@ -385,10 +385,10 @@ class LastCheckpoint(ModelCheckpoint):
 
     A signal is acted on between steps (Lightning's SIGTERM path: SIGINT is routed to it too), so
     the saved state is a whole step, the same step on every process under DDP; a second SIGINT
-    stops at once without saving. The checkpoint
-    carries the random generators' states, restored when training resumes, and the training
-    loader's position (``arena.data.resumable``), so a resumed deterministic run takes the same
-    steps as an uninterrupted one. ``stopped_by`` is the signal that stopped the run, if any.
+    stops at once without saving. The checkpoint carries the random generators' states (every
+    process's), restored when training resumes, and the training loader's position
+    (``arena.data.resumable``), so a resumed deterministic run takes the same steps as an
+    uninterrupted one. ``stopped_by`` is the signal that stopped the run, if any.
     """
 
     def __init__(self, *, dirpath: str | Path, every_n_train_steps: int | None = None) -> None:
@@ -463,8 +463,8 @@ class LastCheckpoint(ModelCheckpoint):
         """
         noted = torch.tensor([self.stopped_by or 0], device=trainer.strategy.root_device)
         torch.distributed.all_reduce(noted, op=torch.distributed.ReduceOp.MAX)
-        if noted.item():
-            self.stopped_by = self.stopped_by or int(noted.item())
+        if agreed := int(noted.item()):
+            self.stopped_by = self.stopped_by or agreed
             trainer._signal_connector.received_sigterm = True  # Lightning stops after this step, as for SIGTERM
 
     def state_dict(self) -> dict[str, Any]:
@@ -484,7 +484,8 @@ class LastCheckpoint(ModelCheckpoint):
 def resume_command(run_dir: str | Path, overrides: Sequence[str]) -> str:
     """The command that resumes a run of ``overrides``: those a checkpoint does not keep (the hardware,
     loggers, callbacks) are given again."""
-    again = [o for o in overrides if checkpoint_refusal(o) is not None and not o.startswith(("hydra.", "ckpt_path="))]
+    again = [o for o in overrides
+             if checkpoint_refusal(o) is not None and not o.startswith(("hydra.", "ckpt_path="))]
     return shlex.join(["python", "train.py", "ckpt_path=last", *again, f"hydra.run.dir={run_dir}"])
 
 
