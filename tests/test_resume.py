@@ -373,11 +373,12 @@ def test_epoch_sampler_shards_one_order(processes: int) -> None:
         EpochSampler(10, seed=7, num_replicas=2, rank=2)
 
 
-def _ranks(processes: int, **kwargs) -> list:
+def _ranks(processes: int, dataset=tuple(range(20)), **kwargs) -> list:
+    """The training loaders of ``processes`` DDP processes (batches of 2 by default) over ``dataset``."""
     from arena.data.resumable import ResumableLoader
 
-    return [ResumableLoader(list(range(20)), seed=5, num_replicas=processes, rank=r, batch_size=2, drop_last=True,
-                            **kwargs) for r in range(processes)]
+    kwargs = {"batch_size": 2, "drop_last": True, **kwargs}
+    return [ResumableLoader(dataset, seed=5, num_replicas=processes, rank=r, **kwargs) for r in range(processes)]
 
 
 def test_resumable_loader_resumes_a_ddp_epoch_on_as_many_or_other_processes() -> None:
@@ -411,25 +412,18 @@ def test_resumable_loader_reads_a_one_process_state_of_earlier_versions() -> Non
     assert loader.sampler.epoch == 1 and loader.sampler.start == 0
 
 
-def _augmented(*, processes: int, rank: int, num_workers: int = 0):
-    from arena.data.resumable import ResumableLoader
-
-    return ResumableLoader(_Augmented(), seed=3, num_replicas=processes, rank=rank, batch_size=4,
-                           num_workers=num_workers)
-
-
 def test_ddp_samples_draw_by_index_and_leave_the_main_generators() -> None:
     """Under DDP every process's generators are seeded alike: without per-sample seeds both would draw the same
     scenes and flips. In the main process (no workers) the training's own draws go on as if nothing drew."""
     torch.manual_seed(0)
-    ranks = [_augmented(processes=2, rank=r) for r in (0, 1)]
+    ranks = _ranks(2, _Augmented(), batch_size=4)
     before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
     draws = [torch.cat(list(loader)) for loader in ranks]
     assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[2]
     assert np.array_equal(np.random.get_state()[1], before[1])
     assert set(draws[0][:, 1].tolist()).isdisjoint(draws[1][:, 1].tolist())
     # a sample's draws are a function of (seed, epoch, index): the same with loader workers on one process
-    with_workers = torch.cat(list(_augmented(processes=1, rank=0, num_workers=1)))
+    with_workers = torch.cat(list(_ranks(1, _Augmented(), batch_size=4, num_workers=1)[0]))
     by_index = {int(row[0]): row[1:] for row in with_workers}
     for row in torch.cat(draws):
         assert torch.equal(row[1:], by_index[int(row[0])])

@@ -126,14 +126,13 @@ class ResumableLoader(DataLoader):
                          sampler=EpochSampler(len(dataset), seed=seed, seeded=seeded, num_replicas=num_replicas,
                                               rank=rank),
                          generator=torch.Generator().manual_seed(seed), **kwargs)
-        self.first, self.served, self.batches = 0, 0, len(self)  # this pass: its start, batches served, in all
+        self.first, self.served = 0, 0  # this pass: where in the order it started, batches served so far
 
     def _batches(self, samples: int) -> int:
         return samples // self.batch_size if self.drop_last else math.ceil(samples / self.batch_size)
 
     def __iter__(self) -> Iterator[Any]:
         self.first, self.served = self.sampler.start, 0
-        self.batches = self._batches(self.sampler.pass_length(self.first))
         for batch in super().__iter__():
             self.served += 1  # counted before the step runs: a checkpoint taken in it skips this batch
             yield batch
@@ -142,7 +141,7 @@ class ResumableLoader(DataLoader):
         """``done``: the samples of the epoch's order trained on (by every process), a prefix of it."""
         done = self.first + self.served * self.batch_size * self.sampler.num_replicas
         return {"seed": self.sampler.seed, "epoch": self.sampler.epoch, "done": done,
-                "finished": self.served >= self.batches}
+                "finished": self.served >= self._batches(self.sampler.pass_length(self.first))}
 
     def load_state_dict(self, state: dict[str, int | bool]) -> None:
         if "served" in state:  # written before the loader sharded itself: by one process, batches served
